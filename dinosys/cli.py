@@ -1,0 +1,189 @@
+"""The `dinosys` command line. Each subcommand imports its implementation lazily.
+
+Bad input ends with one line on stderr and exit code 2 (`--debug` shows the traceback);
+a capability that is not built yet says so in one line and exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dinosys.errors import NotAvailableError, UserError
+
+NOT_YET = {
+    "clip": "CLIP image-text training is not built yet (planned after the SSL trainer)",
+    "distill": "distillation is not built yet (planned after the SSL trainer)",
+    "eval linear": "linear-probe evaluation is not built yet; use `dinosys eval knn`",
+}
+
+
+def default_run_dir(name: str) -> Path:
+    """A new run directory under runs/, named after the recipe and the start time."""
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def print_json(obj: dict) -> None:
+    """Machine-readable result as the last line of stdout."""
+    print(json.dumps(obj, sort_keys=True, default=str), flush=True)
+
+
+def _cmd_data_builtin(args: argparse.Namespace) -> int:
+    from dinosys.data.builtin import build_builtin
+
+    sets = args.sets.split(",") if args.sets else None
+    summary = build_builtin(Path(args.out), sets=sets, force=args.force)
+    print_json(summary)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dinosys.config import TrainConfig, load_config
+    from dinosys.train.run import run_train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides, kind="train")
+    run_dir = Path(args.out) if args.out else default_run_dir(cfg.name)
+    summary = run_train(cfg, run_dir)
+    print_json(summary)
+    return 0
+
+
+def _cmd_eval_knn(args: argparse.Namespace) -> int:
+    from dinosys.eval.knn import run_knn
+
+    result = run_knn(
+        args.model, Path(args.train), Path(args.val), ks=args.k,
+        temperature=args.temperature, batch_size=args.batch_size,
+    )
+    if args.out:
+        from dinosys.config import write_atomic
+
+        write_atomic(Path(args.out), json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print_json(result)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dinosys.export.exporter import export_model
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    summary = export_model(args.model, Path(args.out), formats=formats)
+    print_json(summary)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dinosys.demo import run_demo
+
+    summary = run_demo(Path(args.out) if args.out else default_run_dir("demo"),
+                       data_dir=Path(args.data))
+    print_json(summary)
+    return 0
+
+
+def _not_yet(what: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        raise NotAvailableError(f"dinosys {what}: {NOT_YET[what]}")
+
+    return handler
+
+
+def _add_config_args(p: argparse.ArgumentParser, with_out: bool = True) -> None:
+    p.add_argument("config", help="YAML path or a name under configs/ (e.g. mnist_tiny_cpu)")
+    if with_out:
+        p.add_argument("--out", help="run directory (default: a new folder under runs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `dinosys` (all subcommands)."""
+    parser = argparse.ArgumentParser(
+        prog="dinosys",
+        description="Visual foundation models end to end: data, DINOv2 pretraining, "
+        "evaluation, export.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("data", help="datasets: build the embedded real data")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    b = dsub.add_parser("builtin", help="MNIST, digits and photos from installed wheels, offline")
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--sets", help="comma-separated subset of mnist,digits,photos (default: all)")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.set_defaults(func=_cmd_data_builtin)
+
+    p = sub.add_parser("train", help="DINOv2 self-supervised pretraining -> run directory")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("clip", help="image-text contrastive training (not built yet)")
+    _add_config_args(p)
+    p.set_defaults(func=_not_yet("clip"))
+
+    p = sub.add_parser("distill", help="teacher -> student distillation (not built yet)")
+    _add_config_args(p)
+    p.set_defaults(func=_not_yet("distill"))
+
+    p = sub.add_parser("eval", help="evaluate a backbone on image folders")
+    esub = p.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
+    k = esub.add_parser("knn", help="weighted kNN on L2-normalised cls features; prints JSON")
+    k.add_argument("--model", required=True, help="run directory, checkpoint or exported model")
+    k.add_argument("--train", required=True, help="image folder DIR/<class>/<image>")
+    k.add_argument("--val", required=True, help="image folder DIR/<class>/<image>")
+    k.add_argument("--k", type=int, nargs="+", default=[10, 20], help="neighbour counts")
+    k.add_argument("--temperature", type=float, default=0.07)
+    k.add_argument("--batch-size", type=int, default=256)
+    k.add_argument("--out", help="also write the JSON result to this file")
+    k.set_defaults(func=_cmd_eval_knn)
+    lin = esub.add_parser("linear", help="linear probe on frozen features (not built yet)")
+    lin.add_argument("--model", required=True)
+    lin.add_argument("--train", required=True)
+    lin.add_argument("--val", required=True)
+    lin.set_defaults(func=_not_yet("eval linear"))
+
+    p = sub.add_parser("export", help="export a model: safetensors + config (+ timm, hf, onnx)")
+    p.add_argument("--model", required=True, help="run directory or checkpoint")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", default="native", help="comma list of native,timm,hf,onnx")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("demo", help="the main job on the embedded data: build, train, evaluate")
+    p.add_argument("--out", help="run directory (default: a new folder under runs/)")
+    p.add_argument("--data", default="data/builtin", help="where the embedded data is built")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
+    """Parse, dispatch, and apply the error convention (shared by `dinosys-curate`)."""
+    # key=value overrides may come before or after options such as --out
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, NotAvailableError) as exc:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `dinosys` console script."""
+    return run_cli(build_parser(), argv, "dinosys")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

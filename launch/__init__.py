@@ -1,0 +1,1 @@
+"""Job submission to Slurm (submitit) or local processes."""

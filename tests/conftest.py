@@ -1,0 +1,72 @@
+"""Shared test set-up: offline guard, marker gating, cached embedded data."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("DINOSYS_TEST_CACHE", REPO / ".cache" / "tests"))
+
+_real_connect = socket.socket.connect
+
+
+def _guarded_connect(self: socket.socket, address):  # type: ignore[no-untyped-def]
+    """Tests run offline: refuse connections to anything but this machine."""
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        host = address[0]
+        try:
+            local = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = host in ("localhost", socket.gethostname())
+        if not local:
+            raise OSError(f"tests run offline: connection to {address!r} refused by conftest")
+    return _real_connect(self, address)
+
+
+socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests without CUDA; skip `slurm` tests without a cluster unless required."""
+    has_cuda = _cuda_available()
+    has_slurm = bool(os.environ.get("SLURM_CONF"))
+    require_slurm = os.environ.get("DINOSYS_REQUIRE_SLURM") == "1"
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "slurm" in item.keywords and not has_slurm and not require_slurm:
+            item.add_marker(pytest.mark.skip(reason="no local Slurm (run tools/slurm_local.sh start)"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def builtin_data() -> Path:
+    """The embedded real data (MNIST, digits, photos + shards), built once and cached."""
+    from dinosys.data.builtin import build_builtin
+
+    out = CACHE / "builtin"
+    build_builtin(out)
+    return out
