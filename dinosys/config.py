@@ -239,6 +239,14 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every K-th step forever (0: off)
     resume: bool = True
 
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 0:
+            raise ConfigError("config key 'checkpoint.every_n_steps': must be >= 0 (0: off)")
+        if self.keep_last < 1:
+            raise ConfigError("config key 'checkpoint.keep_last': must be >= 1")
+        if self.keep_every < 0:
+            raise ConfigError("config key 'checkpoint.keep_every': must be >= 0 (0: off)")
+
 
 @dataclass
 class LogConfig:
@@ -459,6 +467,7 @@ def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs must stay readable by others
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
