@@ -1,0 +1,237 @@
+"""The resumable, deterministic streaming loader for SSL pretraining (``build_ssl_loader``).
+
+Order: :class:`~dinosys.data.order.EpochOrder` fixes every epoch's global sample order from
+(seed, epoch). Global batch ``t`` of an epoch is positions ``[c0 + t*G, c0 + (t+1)*G)`` with
+``G = world_size * batch_size`` and ``c0`` the position the epoch was (re)started at; rank ``r``
+takes the ``r``-th slice of ``batch_size``. So every rank yields exactly
+``(len(order) - c0) // G`` batches per epoch whatever the shard counts (the tail that does not
+fill a global batch is dropped, differently each epoch), and DataLoader worker ``k`` builds the
+batches ``k, k + num_workers, ...`` which the DataLoader returns in order.
+
+Position state: ``{"epoch", "consumed"}`` counts the samples of the epoch consumed by all ranks
+together (identical on every rank). Resuming at the same world size continues with the next
+unseen sample. If the world size or batch size changes, the remaining samples of the current
+epoch (``[consumed, len)``) are re-split across the new ranks: still no repeats and no gaps.
+
+Randomness: crops use ``default_rng([seed, epoch, position])`` per sample and masks
+``default_rng([seed, epoch, first position of the batch, rank-independent tag])``, so results do
+not depend on the number of workers. Bad samples (see :mod:`dinosys.data.decode`) are replaced by
+a deterministic pseudo-random other sample of the same epoch, counted by reason and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dinosys.config import TrainConfig
+from dinosys.data.augment import MultiCropAugmentation
+from dinosys.data.collate import collate_ssl
+from dinosys.data.decode import BadImageError
+from dinosys.data.masking import MaskGenerator
+from dinosys.data.order import EpochOrder
+from dinosys.data.sources import build_source
+from dinosys.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+MAX_REPLACEMENTS = 32
+_LOG_FIRST_N_PER_REASON = 10
+_STREAM_REPLACE, _STREAM_MASK = 21, 22
+
+
+class SSLStream(IterableDataset):
+    """Yields (batch dict, bad-sample events, (epoch, consumed after this batch)) forever."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, patch_size: int,
+                 sources: list, weights: list[float], start_epoch: int, start_consumed: int
+                 ) -> None:
+        super().__init__()
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.batch_size = cfg.data.batch_size_per_gpu
+        self.sources, self.weights = sources, weights
+        self.start_epoch, self.start_consumed = start_epoch, start_consumed
+        self.augment = MultiCropAugmentation(cfg.crops)
+        grid = cfg.crops.global_size // patch_size
+        self.mask_gen = MaskGenerator(grid, cfg.masking)
+        self._orders: dict[int, EpochOrder] = {}
+
+    def order(self, epoch: int) -> EpochOrder:
+        """The (cached) global order of ``epoch``."""
+        if epoch not in self._orders:
+            if len(self._orders) > 1:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = EpochOrder(self.sources, self.weights, self.cfg.seed, epoch,
+                                             max(1, self.cfg.data.shuffle_buffer))
+        return self._orders[epoch]
+
+    def schedule(self) -> Iterator[tuple[int, int, int]]:
+        """Global batches from the start position: (epoch, first position, consumed after)."""
+        g = self.world_size * self.batch_size
+        epoch, consumed = self.start_epoch, self.start_consumed
+        while True:
+            n = len(self.order(epoch))
+            if n < g:
+                raise UserError(f"an epoch has {n} samples, fewer than one global batch of {g} "
+                                "(world size x data.batch_size_per_gpu): add data or lower it")
+            while consumed + g <= n:
+                yield epoch, consumed, consumed + g
+                consumed += g
+            epoch, consumed = epoch + 1, 0
+
+    def _load(self, order: EpochOrder, epoch: int, position: int, events: list) -> dict:
+        seed = self.cfg.seed
+        slot = position
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            src, item = order[slot]
+            where = f"{self.sources[src].name}#{item}"
+            try:
+                raw = self.sources[src].read(item)
+                where = raw.where
+                crops = self.augment.from_bytes(raw.data,
+                                                np.random.default_rng([seed, epoch, position]),
+                                                self.cfg.data.max_image_pixels,
+                                                self.cfg.data.decoder)
+                crops["label"] = raw.label
+                return crops
+            except BadImageError as exc:
+                events.append((exc.reason, where, exc.detail))
+            except Exception as exc:  # a decoder bug on odd data must not stop training
+                events.append(("decode_error", where, f"{type(exc).__name__}: {exc}"[:120]))
+            rng = np.random.default_rng([seed, epoch, _STREAM_REPLACE, position, attempt])
+            slot = int(rng.integers(len(order)))
+        raise UserError(f"{MAX_REPLACEMENTS + 1} bad samples in a row around position {position} "
+                        f"of epoch {epoch}: is the data readable? last: {events[-1]}")
+
+    def make_batch(self, epoch: int, first: int) -> tuple[dict, list]:
+        """The batch of this rank for the global batch starting at ``first``."""
+        order = self.order(epoch)
+        begin = first + self.rank * self.batch_size
+        events: list = []
+        samples = [self._load(order, epoch, p, events)
+                   for p in range(begin, begin + self.batch_size)]
+        mask_rng = np.random.default_rng([self.cfg.seed, epoch, _STREAM_MASK, begin])
+        batch = collate_ssl(samples, self.mask_gen, mask_rng, self.cfg.crops.mean,
+                            self.cfg.crops.std)
+        return batch, events
+
+    def __iter__(self) -> Iterator[tuple[dict, list, tuple[int, int]]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i, (epoch, first, after) in enumerate(self.schedule()):
+            if i % n_workers != worker:
+                continue
+            batch, events = self.make_batch(epoch, first)
+            yield batch, events, (epoch, after)
+
+
+class SSLLoader:
+    """Infinite iterable of SSL batch dicts with a resumable position (see the module docstring).
+
+    ``state_dict()`` -> {"version", "epoch", "consumed", "seed", "world_size", "batch_size",
+    "samples_per_epoch"}: the position after the last batch handed out. ``load_state_dict``
+    before iterating resumes there. ``stats()`` -> bad-sample counts by reason.
+    """
+
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, patch_size: int) -> None:
+        if not cfg.data.sources:
+            raise UserError("data.sources is empty: give at least one image folder, .txt list "
+                            "or shard pattern (e.g. data.sources=[{path: DIR}])")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if cfg.crops.global_size % patch_size:
+            raise UserError(f"crops.global_size {cfg.crops.global_size} is not a multiple of the "
+                            f"patch size {patch_size}")
+        self.cfg, self.rank, self.world_size, self.patch_size = cfg, rank, world_size, patch_size
+        self.batch_size = cfg.data.batch_size_per_gpu
+        self.sources = [build_source(s) for s in cfg.data.sources]
+        self.weights = [float(s.weight) for s in cfg.data.sources]
+        if any(w < 0 for w in self.weights) or not any(w > 0 for w in self.weights):
+            raise UserError("data.sources weights must be >= 0 with at least one > 0")
+        self.epoch, self.consumed = 0, 0
+        self._bad: Counter[str] = Counter()
+        self._recent_bad: list[str] = []
+        self._batches = 0
+        self._probe = SSLStream(cfg, rank, world_size, patch_size, self.sources, self.weights, 0, 0)
+        logger.info("SSL data: %s", ", ".join(f"{s.name} ({len(s)} samples, weight {w:g})"
+                                               for s, w in zip(self.sources, self.weights)))
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples in the current epoch's order (all ranks together)."""
+        return len(self._probe.order(self.epoch))
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank yields in a full epoch."""
+        return self.samples_per_epoch // (self.world_size * self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position: the next batch is the first unseen one."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
+                "seed": self.cfg.seed, "world_size": self.world_size,
+                "batch_size": self.batch_size, "samples_per_epoch": self.samples_per_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state`` (see the module docstring for a changed world size)."""
+        if int(state.get("version", 0)) != STATE_VERSION:
+            raise UserError(f"data loader state version {state.get('version')} is not "
+                            f"{STATE_VERSION}: cannot resume the data position")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        if int(state.get("seed", self.cfg.seed)) != self.cfg.seed:
+            logger.warning("data state was saved with seed %s, now %s: the order changes",
+                           state.get("seed"), self.cfg.seed)
+        n = self.samples_per_epoch
+        if int(state.get("samples_per_epoch", n)) != n:
+            logger.warning("epoch %d had %s samples when saved, now %d (data changed): "
+                           "continuing at sample %d of the new order",
+                           self.epoch, state.get("samples_per_epoch"), n, self.consumed)
+        old_g = int(state.get("world_size", self.world_size)) * int(state.get("batch_size",
+                                                                              self.batch_size))
+        if old_g != self.world_size * self.batch_size:
+            logger.info("global batch changed (%d -> %d): the rest of epoch %d (%d samples) is "
+                        "re-split across %d ranks", old_g, self.world_size * self.batch_size,
+                        self.epoch, max(0, n - self.consumed), self.world_size)
+        if self.consumed + self.world_size * self.batch_size > n:
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def stats(self) -> dict[str, Any]:
+        """Bad-sample counts by reason, total, batches yielded and the last few bad samples."""
+        return {"bad": dict(self._bad), "bad_total": int(sum(self._bad.values())),
+                "batches": self._batches, "recent_bad": list(self._recent_bad)}
+
+    def _record(self, events: list) -> None:
+        for reason, where, detail in events:
+            self._bad[reason] += 1
+            self._recent_bad = (self._recent_bad + [f"{where}: {reason}"])[-10:]
+            n = self._bad[reason]
+            if n <= _LOG_FIRST_N_PER_REASON or n % 1000 == 0:
+                logger.warning("skipped bad sample (%s, %d so far) %s %s", reason, n, where, detail)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stream = SSLStream(self.cfg, self.rank, self.world_size, self.patch_size, self.sources,
+                           self.weights, self.epoch, self.consumed)
+        workers = self.cfg.data.num_workers
+        if workers > 0:
+            it = iter(DataLoader(stream, batch_size=None, num_workers=workers,
+                                 pin_memory=torch.cuda.is_available(), prefetch_factor=2,
+                                 persistent_workers=False))
+        else:
+            it = iter(stream)
+        for batch, events, (epoch, consumed) in it:
+            self._record(events)
+            self.epoch, self.consumed = epoch, consumed
+            self._batches += 1
+            yield batch
+
+
+def build_ssl_loader(cfg: TrainConfig, rank: int, world_size: int, patch_size: int) -> SSLLoader:
+    """The SSL training loader of ``rank`` out of ``world_size`` (see SSLLoader)."""
+    return SSLLoader(cfg, rank, world_size, patch_size)
