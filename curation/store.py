@@ -1,0 +1,131 @@
+"""Atomic files and stage done-markers: every stage output appears whole or not at all, and a
+stage whose marker matches the digest of its inputs and config is skipped on re-run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dinosys.config import write_atomic
+
+
+def _tmp_beside(path: Path, suffix: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and a rename."""
+    tmp = _tmp_beside(path, ".npy")
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """Load an array written by :func:`save_npy` (never unpickles)."""
+    return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+
+
+def save_table(path: Path, table: pa.Table | dict[str, Any]) -> None:
+    """Write a parquet table atomically (a dict of columns is converted first)."""
+    if isinstance(table, dict):
+        table = pa.table(table)
+    tmp = _tmp_beside(path, ".parquet")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_table(path: Path) -> pa.Table:
+    """Read a parquet table."""
+    return pq.read_table(path)
+
+
+def save_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def replace_dir(tmp_dir: Path, final: Path) -> None:
+    """Move a fully written temporary directory into place (replacing an older one)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp_dir, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final)
+
+
+def digest(*parts: Any) -> str:
+    """A stable hex digest of JSON-able parts (configs, upstream digests, file stats)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """Digest of a file's bytes (for small stage outputs such as tables)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class Stage:
+    """The done-marker of one stage under ``work/<name>/``: ``DONE.json`` holds its digest."""
+
+    def __init__(self, work: Path, name: str) -> None:
+        self.name = name
+        self.dir = Path(work) / name
+        self.marker = self.dir / "DONE.json"
+
+    def is_done(self, key: str) -> bool:
+        """True when the stage finished with the same inputs/config digest."""
+        if not self.marker.is_file():
+            return False
+        try:
+            return json.loads(self.marker.read_text()).get("digest") == key
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def done_digest(self) -> str | None:
+        """The digest the stage last finished with (None if never)."""
+        try:
+            return json.loads(self.marker.read_text()).get("digest")
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def mark_done(self, key: str, summary: dict | None = None) -> None:
+        """Write the marker last, after all outputs are in place."""
+        save_json(self.marker, {"digest": key, "stage": self.name, "summary": summary or {}})
+
+    def summary(self) -> dict:
+        """The summary recorded with the marker."""
+        return json.loads(self.marker.read_text()).get("summary", {})
+
+    def invalidate(self) -> None:
+        """Remove the marker (outputs are rewritten by the next run)."""
+        self.marker.unlink(missing_ok=True)
