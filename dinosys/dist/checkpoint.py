@@ -1,0 +1,492 @@
+"""Sharded, atomic, world-size-independent checkpoints (torch.distributed.checkpoint).
+
+Layout of ``root`` (the run's ``checkpoints/`` folder)::
+
+    step_00001250/          a committed checkpoint
+        .metadata, __0_0.distcp, __1_0.distcp ...   DCP shards (each rank writes its own)
+        extra.json          caller's extra + step, world size, time, state keys
+        rank_states.json    per-rank RNG states (torch/cuda/numpy/python) and ``rank_state``
+        COMPLETE            commit marker, written last before the rename
+    latest                  text file naming the committed checkpoint to resume from
+    .tmp-step_...-<uuid>/   a save in progress (or killed): ignored, removed by the next save
+
+A save writes everything into the temp folder, waits for every rank, then rank 0 writes the JSON
+files and the marker, fsyncs and renames the folder to ``step_XXXXXXXX`` (the commit) and
+replaces ``latest`` atomically. A save killed at any point leaves the previous checkpoint
+committed and pointed to.
+
+Key naming (what ``load_backbone_state`` and DCP see): each entry of the ``state`` dict passed
+to :meth:`CheckpointManager.save` becomes a top-level key; DCP flattens nested dicts with dots.
+With ``state = {"student": student, "teacher": teacher, "optim": optimizer, ...}`` where
+``teacher`` has a ``backbone`` submodule, the teacher backbone's tensors are stored as
+``teacher.backbone.blocks.0.attn.qkv.weight`` etc. Module keys come from
+``get_model_state_dict`` (FSDP2 DTensors stay sharded; ``torch.compile`` and activation
+checkpointing wrapper prefixes are removed), optimizer keys from ``get_optimizer_state_dict``
+(``optim.state.<param fqn>.exp_avg``...).
+
+World size: model and optimizer tensors are resharded by DCP on load, so a checkpoint saved on
+N ranks loads on M ranks (or in one process). Per-rank state that is not sharded (RNG states,
+the data loader position passed as ``rank_state``) is gathered to rank 0 and stored as JSON.
+On load at the same world size each rank gets its own back exactly; at a different world size
+RNGs are re-seeded from ``(extra["seed"], step, rank)`` and ``rank_state`` is ``None`` while
+``rank_states`` lists every saved rank's entry so that the data loader can re-split.
+
+The ``latest`` pointer wins over scanning when it names a committed checkpoint (so a person can
+roll back by editing it); a missing or corrupt pointer falls back to the newest committed one.
+DCP's ``.metadata`` is a pickle written by this code: load checkpoints you or your jobs wrote.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from dinosys.config import write_atomic
+from dinosys.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-" + STEP_PREFIX
+TRASH_PREFIX = ".trash-"
+COMPLETE = "COMPLETE"
+EXTRA_FILE = "extra.json"
+RANK_STATES_FILE = "rank_states.json"
+POINTER = "latest"
+FORMAT = "dinosys-checkpoint-v1"
+_STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every save/load without a process group; one process is a supported case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*intent is to (save|load) in a single process")
+        yield
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dir_name(step: int) -> str:
+    """The folder name of the checkpoint of ``step``."""
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def is_checkpoint(path: Path) -> bool:
+    """True if ``path`` is a committed checkpoint folder (marker and DCP metadata present)."""
+    path = Path(path)
+    return (path / COMPLETE).is_file() and (path / ".metadata").is_file()
+
+
+# --------------------------------------------------------------------------- per-rank state
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def capture_rng_state() -> dict:
+    """This process's RNG states (torch CPU, current CUDA device, numpy, python) as JSON data."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": _b64(torch.get_rng_state()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore what :func:`capture_rng_state` returned."""
+    torch.set_rng_state(_unb64(state["torch"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_unb64(state["cuda"]))
+
+
+def reseed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed every RNG from ``(seed, step, rank)``: the fallback when the world size changed."""
+    words = np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(2)
+    value = int(words[0]) << 32 | int(words[1])
+    torch.manual_seed(value)
+    np.random.seed(int(words[0]))
+    random.seed(value)
+
+
+# --------------------------------------------------------------------------- state adapters
+
+
+class OptimizerState:
+    """Pairs an optimizer with the module owning its parameters (DCP needs both).
+
+    :meth:`CheckpointManager.save` finds the owner itself when an optimizer is passed bare;
+    use this wrapper when the parameters live in a module that is not in the state dict.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self._saved_prefixes: set[str] | None = None  # set by load: which params had state
+
+    def state_dict(self) -> dict:
+        osd = get_optimizer_state_dict(self.model, self.optimizer)
+        if self._saved_prefixes is not None:
+            # Parameters that never had a gradient when saved (e.g. a frozen last layer) have no
+            # saved state; get_optimizer_state_dict made some up, so leave them out of the load.
+            osd["state"] = {fqn: st for fqn, st in osd["state"].items()
+                            if f"state.{fqn}." in self._saved_prefixes}
+        return osd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        partial = StateDictOptions(strict=self._saved_prefixes is None)
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=partial)
+        if self._saved_prefixes is not None:
+            kept = set(state_dict["state"])
+            names = _param_names(self.model)
+            for param in list(self.optimizer.state):
+                if names.get(id(param)) not in kept:
+                    del self.optimizer.state[param]
+
+    def expect(self, saved_keys: list[str]) -> None:
+        """Restrict the next load to the parameters that have state in the checkpoint."""
+        prefixes = set()
+        for key in saved_keys:
+            parts = key.split(".")
+            prefixes.update(".".join(parts[:i]) + "." for i in range(2, len(parts)))
+        self._saved_prefixes = prefixes
+
+
+class _ModuleState:
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        set_model_state_dict(self.module, state_dict)
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    """Parameter id -> the clean FQN DCP uses (compile / checkpoint-wrapper prefixes removed)."""
+    names = {}
+    for name, param in model.named_parameters():
+        for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module."):
+            name = name.replace(wrapper, "")
+        names[id(param)] = name
+    return names
+
+
+def _owner_of(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module]) -> nn.Module:
+    """The module in ``modules`` holding all of ``optimizer``'s parameters (or a ModuleDict)."""
+    owners: dict[int, str] = {}
+    for name, module in modules.items():
+        for p in module.parameters():
+            owners.setdefault(id(p), name)
+    names = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in owners:
+                raise ValueError("an optimizer parameter belongs to no module in the checkpoint "
+                                 "state; wrap it as OptimizerState(model, optimizer)")
+            names.add(owners[id(p)])
+    if len(names) == 1:
+        return modules[names.pop()]
+    return nn.ModuleDict({name: modules[name] for name in sorted(names)})
+
+
+def _adapt(state: dict[str, Any]) -> dict[str, Any]:
+    """Wrap modules and optimizers as Stateful objects DCP can save and load in place."""
+    modules = {k: v for k, v in state.items() if isinstance(v, nn.Module)}
+    adapted: dict[str, Any] = {}
+    for key, value in state.items():
+        if "." in key:
+            raise ValueError(f"checkpoint state key {key!r} must not contain a dot")
+        if isinstance(value, nn.Module):
+            adapted[key] = _ModuleState(value)
+        elif isinstance(value, torch.optim.Optimizer):
+            adapted[key] = OptimizerState(_owner_of(value, modules), value)
+        elif isinstance(value, (Stateful, dict)):
+            adapted[key] = value
+        else:
+            raise TypeError(f"checkpoint state {key!r}: cannot save a {type(value).__name__}")
+    return adapted
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    """Collective sharded checkpoints under ``root`` with a ``latest`` pointer and pruning.
+
+    ``keep_last`` newest checkpoints are kept, plus every step divisible by ``keep_every``
+    (when > 0) forever; the checkpoint ``latest`` points to is never deleted.
+    """
+
+    def __init__(self, root: Path, keep_last: int = 3, keep_every: int = 0) -> None:
+        if keep_last < 1:
+            raise UserError(f"checkpoint keep_last must be >= 1, got {keep_last}")
+        if keep_every < 0:
+            raise UserError(f"checkpoint keep_every must be >= 0, got {keep_every}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+
+    # ----------------------------------------------------------------- discovery
+
+    def committed(self) -> list[tuple[int, Path]]:
+        """Committed checkpoints as (step, path), oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for child in self.root.iterdir():
+            match = _STEP_RE.match(child.name)
+            if match and child.is_dir() and is_checkpoint(child):
+                found.append((int(match.group(1)), child))
+        return sorted(found)
+
+    def _pointed(self) -> Path | None:
+        try:
+            name = (self.root / POINTER).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        if not _STEP_RE.match(name):
+            return None
+        path = self.root / name
+        return path if is_checkpoint(path) else None
+
+    def latest(self) -> Path | None:
+        """The checkpoint to resume from: the one ``latest`` names, else the newest committed.
+
+        Reads only the file system (no collective), so it works on any rank or without a
+        process group. Temp folders and folders without the ``COMPLETE`` marker are ignored.
+        """
+        pointed = self._pointed()
+        if pointed is not None:
+            return pointed
+        if (self.root / POINTER).exists():
+            log.warning("checkpoint pointer %s is unreadable or names no committed checkpoint; "
+                        "scanning %s", self.root / POINTER, self.root)
+        found = self.committed()
+        return found[-1][1] if found else None
+
+    # ----------------------------------------------------------------- save
+
+    def save(self, step: int, state: dict[str, Any], extra: dict | None = None,
+             rank_state: dict | None = None) -> Path:
+        """Save ``state`` collectively (call on every rank); return the committed folder.
+
+        ``state`` maps names (no dots) to modules (FSDP2 or plain), optimizers, Stateful
+        objects or dicts of tensors/values. ``extra`` (JSON data, e.g. ``seed``, config digest)
+        is stored once; ``rank_state`` (JSON data, e.g. this rank's data loader position) is
+        gathered from every rank together with its RNG states.
+        """
+        rank, world = _rank_world()
+        tag = [uuid.uuid4().hex[:12] if rank == 0 else None]
+        if _distributed():
+            dist.broadcast_object_list(tag, src=0)
+        tmp = self.root / f"{TMP_PREFIX}{step:08d}-{tag[0]}"
+        tmp.mkdir(parents=True, exist_ok=True)
+
+        per_rank = {"rank": rank, "rng": capture_rng_state(), "rank_state": rank_state}
+        gathered: list[Any] = [None] * world
+        if _distributed():
+            dist.all_gather_object(gathered, per_rank)
+        else:
+            gathered = [per_rank]
+
+        with _single_process_quiet():
+            dcp.save(_adapt(state), storage_writer=dcp.FileSystemWriter(str(tmp)))
+        if _distributed():
+            dist.barrier()
+        final = self.root / step_dir_name(step)
+        if rank == 0:
+            info = dict(extra or {})
+            info.update(format=FORMAT, step=int(step), world_size=world, time=time.time(),
+                        state_keys=sorted(state))
+            self._commit(tmp, final, info, gathered)
+            self.prune()
+        if _distributed():
+            dist.barrier()
+        return final
+
+    def _commit(self, tmp: Path, final: Path, info: dict, rank_states: list) -> None:
+        """Rank 0: write the JSON files and marker, then rename and repoint (the commit)."""
+        write_atomic(tmp / EXTRA_FILE, json.dumps(info, indent=1, sort_keys=True) + "\n")
+        write_atomic(tmp / RANK_STATES_FILE, json.dumps(rank_states) + "\n")
+        write_atomic(tmp / COMPLETE, f"{info['step']}\n")
+        _fsync_dir(tmp)
+        trash = None
+        if final.exists():  # the same step saved again (e.g. preempted right after a resume)
+            trash = self.root / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        write_atomic(self.root / POINTER, final.name + "\n")
+        _fsync_dir(self.root)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        log.info("checkpoint %s committed", final)
+
+    def prune(self) -> list[Path]:
+        """Delete old checkpoints and leftovers of killed saves; return what was deleted."""
+        found = self.committed()
+        keep = {step for step, _ in found[-self.keep_last:]}
+        if self.keep_every > 0:
+            keep |= {step for step, _ in found if step % self.keep_every == 0}
+        pointed = self._pointed()
+        deleted = []
+        for step, path in found:
+            if step in keep or (pointed is not None and path == pointed):
+                continue
+            trash = self.root / f"{TRASH_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(path, trash)  # out of the scan at once, even if the delete is cut short
+            shutil.rmtree(trash, ignore_errors=True)
+            deleted.append(path)
+        for child in self.root.iterdir():
+            if child.name.startswith((TMP_PREFIX, TRASH_PREFIX)) and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+        return deleted
+
+    # ----------------------------------------------------------------- load
+
+    def load(self, path: Path, state: dict[str, Any], restore_rng: bool = True) -> dict:
+        """Load a checkpoint into ``state`` in place (collective); return its extra dict.
+
+        Works at any world size (DCP reshards model and optimizer tensors). The returned dict
+        holds the saved ``extra`` plus ``rank_state`` (this rank's saved ``rank_state``, or
+        ``None`` when the world size changed), ``rank_states`` (every saved rank's),
+        ``saved_world_size`` and ``same_world_size``. With ``restore_rng`` the RNGs are
+        restored exactly (same world size) or re-seeded from ``(extra["seed"], step, rank)``.
+        """
+        path = resolve_checkpoint(path)
+        info = json.loads((path / EXTRA_FILE).read_text())
+        saved = json.loads((path / RANK_STATES_FILE).read_text())
+        rank, world = _rank_world()
+        adapted = _adapt(state)
+        saved_keys = list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        for key, value in adapted.items():
+            if isinstance(value, OptimizerState):
+                head = key + "."
+                value.expect([k[len(head):] for k in saved_keys if k.startswith(head)])
+        with _single_process_quiet():
+            dcp.load(adapted, checkpoint_id=str(path))
+        same = len(saved) == world
+        info.update(saved_world_size=len(saved), same_world_size=same,
+                    rank_states=[entry["rank_state"] for entry in saved],
+                    rank_state=saved[rank]["rank_state"] if same else None)
+        if restore_rng:
+            if same:
+                restore_rng_state(saved[rank]["rng"])
+            else:
+                log.warning("checkpoint %s was saved on %d ranks, loading on %d: RNGs re-seeded "
+                            "from (seed, step, rank)", path, len(saved), world)
+                reseed_rng(int(info.get("seed", 0)), int(info["step"]), rank)
+        if _distributed():
+            dist.barrier()
+        return info
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder from a checkpoint, a checkpoints root or a run directory.
+
+    Raises UserError naming ``path`` when none is found there.
+    """
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    for root in (path, path / "checkpoints"):
+        if root.is_dir():
+            found = CheckpointManager(root).latest()
+            if found is not None:
+                return found
+    if path.is_dir() and path.name.startswith((STEP_PREFIX, TMP_PREFIX)):
+        raise UserError(f"{path} is an incomplete checkpoint (no {COMPLETE} marker: the save "
+                        "was interrupted); use an older one or the checkpoints folder")
+    raise UserError(f"{path} is not a checkpoint (expected a folder with {COMPLETE} and "
+                    ".metadata, a checkpoints folder or a run directory)")
+
+
+def load_backbone_state(ckpt_dir: Path,
+                        prefix: str = "teacher.backbone") -> dict[str, torch.Tensor]:
+    """Full tensors whose keys start with ``prefix`` (stripped), read in ONE process.
+
+    Needs no process group (for export and evaluation); reads only those tensors' bytes.
+    """
+    path = resolve_checkpoint(Path(ckpt_dir))
+    reader = dcp.FileSystemReader(str(path))
+    metadata = reader.read_metadata()
+    head = prefix.rstrip(".") + "."
+    wanted = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+              for key, meta in metadata.state_dict_metadata.items()
+              if key.startswith(head) and isinstance(meta, TensorStorageMetadata)}
+    if not wanted:
+        tops = sorted({key.split(".")[0] for key in metadata.state_dict_metadata})
+        raise UserError(f"checkpoint {path} holds no tensors under '{prefix}' "
+                        f"(top-level keys: {', '.join(tops)})")
+    with _single_process_quiet():
+        dcp.load(wanted, storage_reader=reader, no_dist=True)
+    return {key[len(head):]: tensor for key, tensor in wanted.items()}
+
+
+def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full CPU state dict of a (possibly FSDP2-sharded) model, for export.
+
+    Collective: call it on every rank. Rank 0 gets the full dict, other ranks an empty one.
+    """
+    if _distributed():
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options)
+    return {k: v.detach().cpu().clone() for k, v in get_model_state_dict(model).items()}
