@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dinosys.losses._precision import at_least_fp32
+
 
 class DINOLossTerms(NamedTuple):
     """`loss` is what to optimise; the rest is for logging (all detached except `loss`)."""
@@ -54,11 +56,11 @@ def dino_loss(
     batch = n_rows // n_global_crops
     if batch == 0:
         raise ValueError("dino_loss needs at least one image")
-    probs = teacher_probs.detach().float().reshape(n_global_crops, batch, n_prototypes)
+    probs = at_least_fp32(teacher_probs.detach()).reshape(n_global_crops, batch, n_prototypes)
     probs_all_views = probs.sum(dim=0)  # (B, K): sum over teacher views t
 
     # Pairs with s a global crop: every teacher view except s itself.
-    lsm_global = F.log_softmax(student_global_logits.float() / student_temp, dim=-1)
+    lsm_global = F.log_softmax(at_least_fp32(student_global_logits) / student_temp, dim=-1)
     lsm_global = lsm_global.view(n_global_crops, batch, n_prototypes)
     others = probs.flip(0) if n_global_crops == 2 else probs_all_views - probs
     global_sum = -torch.dot(others.reshape(-1), lsm_global.reshape(-1))
@@ -77,7 +79,7 @@ def dino_loss(
                 f"{student_local_logits.shape[0]} local rows are not a multiple of B={batch}"
             )
         n_local = student_local_logits.shape[0] // batch
-        lsm_local = F.log_softmax(student_local_logits.float() / student_temp, dim=-1)
+        lsm_local = F.log_softmax(at_least_fp32(student_local_logits) / student_temp, dim=-1)
         # sum_{l,b,k} lsm[l,b,k] * P[b,k] as a mat-vec: no (L, B, K) product tensor.
         local_sum = -torch.mv(lsm_local.view(n_local, -1), probs_all_views.reshape(-1)).sum()
         n_local_pairs = n_global_crops * n_local

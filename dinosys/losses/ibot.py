@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dinosys.losses._precision import at_least_fp32
+
 
 def ibot_loss(
     student_masked_logits: Tensor,
@@ -41,8 +43,8 @@ def ibot_loss(
             f"mask_weights must be (M,) = ({student_masked_logits.shape[0]},), "
             f"got {tuple(mask_weights.shape)}"
         )
-    lsm = F.log_softmax(student_masked_logits.float() / student_temp, dim=-1)
-    probs = teacher_masked_probs.detach().float()
+    lsm = F.log_softmax(at_least_fp32(student_masked_logits) / student_temp, dim=-1)
+    probs = at_least_fp32(teacher_masked_probs.detach())
     # Row-wise dot products as a batched mat-mul: no (M, K) product tensor.
     per_token = -torch.bmm(lsm.unsqueeze(1), probs.unsqueeze(2)).reshape(-1)
-    return (per_token * mask_weights.detach().float()).sum() / n_global_images
+    return (per_token * mask_weights.detach().to(per_token.dtype)).sum() / n_global_images

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dinosys.losses._dist import ProcessGroup, gather_rows_with_grad, is_distributed
+from dinosys.losses._precision import at_least_fp32
 
 
 def koleo_loss(
@@ -46,7 +47,7 @@ def koleo_loss(
     if duplicate_tol < 0:
         raise ValueError(f"duplicate_tol must be >= 0, got {duplicate_tol}")
     with torch.autocast(x.device.type, enabled=False):
-        feats = F.normalize(x.float(), dim=-1, p=2, eps=eps)
+        feats = F.normalize(at_least_fp32(x), dim=-1, p=2, eps=eps)
         use_dist = distributed and is_distributed(group)
         if use_dist:
             candidates, offset = gather_rows_with_grad(feats, group)
@@ -70,16 +71,19 @@ def koleo_loss(
 def _nearest_distinct(
     feats: Tensor, candidates: Tensor, offset: int, duplicate_tol: float
 ) -> tuple[Tensor, Tensor]:
-    """Index (into candidates) of each row's nearest candidate farther than duplicate_tol."""
+    """Index (into candidates) of each row's nearest candidate farther than duplicate_tol,
+    and whether there is one."""
     n_rows = feats.shape[0]
     if n_rows == 0 or candidates.shape[0] == 0:
         empty = torch.zeros(n_rows, dtype=torch.long, device=feats.device)
         return empty, torch.zeros(n_rows, dtype=torch.bool, device=feats.device)
-    # Exact pairwise distances (no Gram-matrix cancellation). For unit rows the nearest by
-    # distance is the nearest by dot product, the reference's criterion.
-    dists = torch.cdist(feats, candidates, compute_mode="donot_use_mm_for_euclid_dist")
+    # Nearest = largest dot product (the reference's criterion; for unit rows the same as
+    # smallest distance, and zero rows stay at distance 1 from everything). Duplicates are
+    # found with exact pairwise distances: 2 - 2 dot cancels to fp32 noise below ~1e-3.
+    dots = feats @ candidates.T
+    exact = torch.cdist(feats, candidates, compute_mode="donot_use_mm_for_euclid_dist")
     rows = torch.arange(n_rows, device=feats.device)
-    dists[rows, rows + offset] = float("inf")
-    dists.masked_fill_(dists <= duplicate_tol, float("inf"))
-    nearest, nn_idx = dists.min(dim=1)
-    return nn_idx, torch.isfinite(nearest)
+    dots[rows, rows + offset] = float("-inf")
+    dots.masked_fill_(exact <= duplicate_tol, float("-inf"))
+    best, nn_idx = dots.max(dim=1)
+    return nn_idx, torch.isfinite(best)

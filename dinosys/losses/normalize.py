@@ -14,8 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dinosys.losses._dist import ProcessGroup, all_reduce_, is_distributed
-
-_TINY = torch.finfo(torch.float32).tiny
+from dinosys.losses._precision import at_least_fp32
 
 
 def _check_temp(temp: float) -> None:
@@ -119,12 +118,12 @@ def sinkhorn_knopp(
         raise ValueError(f"sinkhorn n_iterations must be >= 1, got {n_iterations}")
     if teacher_logits.dim() != 2:
         raise ValueError(f"sinkhorn_knopp expects (B, K) logits, got {tuple(teacher_logits.shape)}")
-    logits = teacher_logits.detach().float()
+    logits = at_least_fp32(teacher_logits.detach())
     n_rows, n_prototypes = logits.shape
     if n_valid is None:
         count = logits.new_full((1,), n_rows)
     else:
-        count = torch.as_tensor(n_valid, device=logits.device, dtype=torch.float32).reshape(1)
+        count = torch.as_tensor(n_valid, device=logits.device, dtype=logits.dtype).reshape(1)
         is_padding = torch.arange(n_rows, device=logits.device) >= count
         logits = logits.masked_fill(is_padding.unsqueeze(1), float("-inf"))
 
@@ -139,13 +138,14 @@ def sinkhorn_knopp(
     total_and_count = torch.cat([q.sum().reshape(1), count])
     all_reduce_(total_and_count, group=group)
     total, b_global = total_and_count[0], total_and_count[1].clamp_min(1)
-    q /= total.clamp_min(_TINY)
+    tiny = torch.finfo(q.dtype).tiny
+    q /= total.clamp_min(tiny)
     for _ in range(n_iterations):
         row_sums = q.sum(dim=1, keepdim=True)
         all_reduce_(row_sums, group=group)
-        q /= row_sums.clamp_min(_TINY)
+        q /= row_sums.clamp_min(tiny)
         q /= n_prototypes
-        q /= q.sum(dim=0, keepdim=True).clamp_min(_TINY)
+        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)
         q /= b_global
     q *= b_global
     return q.t()
