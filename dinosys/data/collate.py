@@ -1,4 +1,4 @@
-"""Collate multi-crop samples into the SSL batch dict (see /tmp contracts: crop-major order)."""
+"""Collate multi-crop samples into the SSL batch dict (crop-major order, iBOT masks)."""
 
 from __future__ import annotations
 
@@ -8,41 +8,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinosys.data.augment import to_normalized_tensor
 from dinosys.data.masking import MaskGenerator
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-def _stack_crop_major(samples: Sequence[dict], key: str, mean: Sequence[float],
-                      std: Sequence[float]) -> torch.Tensor:
+def _stack_crop_major(samples: Sequence[dict], key: str) -> torch.Tensor:
     n_crops = len(samples[0][key])
     if n_crops == 0:
         return torch.empty(0)
     ordered = [s[key][c] for c in range(n_crops) for s in samples]
-    if isinstance(ordered[0], torch.Tensor):  # already normalised (C, H, W) tensors
+    if isinstance(ordered[0], torch.Tensor):
         return torch.stack(ordered)
-    return to_normalized_tensor(np.stack(ordered), list(mean), list(std))
+    return torch.from_numpy(np.stack(ordered))
 
 
 def collate_ssl(samples: Sequence[dict[str, Any]], mask_gen: MaskGenerator | None,
-                rng: np.random.Generator, mean: Sequence[float] = IMAGENET_MEAN,
-                std: Sequence[float] = IMAGENET_STD) -> dict[str, Any]:
+                rng: np.random.Generator) -> dict[str, Any]:
     """Build the batch dict from B samples.
 
     Each sample: {"global_crops": [2 crops], "local_crops": [n_local crops], "label": int
-    (optional)}; crops are uint8 HxWx3 arrays (normalised here with ``mean``/``std``) or float
-    (3,H,W) tensors. Returns global_crops (2B,C,G,G) and local_crops (n_local*B,C,L,L) crop-major,
-    masks (2B,N) bool, mask_indices (M,) long into the flattened (2B*N), mask_weights (M,) =
-    1/#masked in that image, n_masked M, batch_size B, labels (B,) long (-1 without classes).
+    (optional)}; crops are normalised float32 (3,H,W) arrays or tensors (MultiCropAugmentation).
+    Returns global_crops (2B,C,G,G) and local_crops (n_local*B,C,L,L) crop-major, masks (2B,N)
+    bool, mask_indices (M,) long into the flattened (2B*N), mask_weights (M,) = 1/#masked in that
+    image, n_masked M, batch_size B, labels (B,) long (-1 without classes).
     ``mask_gen=None`` masks nothing.
     """
     if not samples:
         raise ValueError("collate_ssl needs at least one sample")
     batch_size = len(samples)
-    global_crops = _stack_crop_major(samples, "global_crops", mean, std)
-    local_crops = _stack_crop_major(samples, "local_crops", mean, std)
+    global_crops = _stack_crop_major(samples, "global_crops")
+    local_crops = _stack_crop_major(samples, "local_crops")
     n_global = global_crops.shape[0]
     if mask_gen is not None:
         masks = torch.from_numpy(mask_gen.batch(n_global, rng))

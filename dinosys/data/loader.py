@@ -118,8 +118,7 @@ class SSLStream(IterableDataset):
         samples = [self._load(order, epoch, p, events)
                    for p in range(begin, begin + self.batch_size)]
         mask_rng = np.random.default_rng([self.cfg.seed, epoch, _STREAM_MASK, begin])
-        batch = collate_ssl(samples, self.mask_gen, mask_rng, self.cfg.crops.mean,
-                            self.cfg.crops.std)
+        batch = collate_ssl(samples, self.mask_gen, mask_rng)
         return batch, events
 
     def __iter__(self) -> Iterator[tuple[dict, list, tuple[int, int]]]:
