@@ -312,7 +312,11 @@ def find_config(name_or_path: str | os.PathLike, kind: str | None = None,
     for cand in candidates:
         if cand.is_file():
             return cand
+    if Path(text).is_dir():
+        raise ConfigError(f"config path '{text}' is a directory, not a YAML file")
     root = config_dir()
+    if Path(text).is_absolute():  # rglob refuses absolute patterns; it cannot be a name anyway
+        raise ConfigError(f"config file not found: '{text}'")
     stem = text[:-5] if text.endswith(".yaml") else text
     found = sorted(root.rglob(f"{stem}.yaml")) if root.is_dir() else []
     if kind is not None:
@@ -334,6 +338,8 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 text") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -396,8 +402,17 @@ def _explain(exc: oc_errors.OmegaConfBaseException, base: DictConfig, source: st
     full_key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
     if isinstance(exc, oc_errors.ConfigKeyError) and "not in" in str(exc):
         close = _closest_key(base, str(full_key))
+        owner = getattr(exc, "object_type", None)
+        what = f"'{full_key}'"
+        if close is None and is_dataclass(owner):  # inside a list item: omegaconf gives no path
+            names = difflib.get_close_matches(str(full_key), field_names(owner), n=1)
+            close = names[0] if names else None
+            what += f" of {owner.__name__}"
         hint = f"; did you mean '{close}'?" if close else ""
-        return ConfigError(f"unknown config key '{full_key}' (from {source}){hint}")
+        return ConfigError(f"unknown config key {what} (from {source}){hint}")
+    if isinstance(exc, oc_errors.ValidationError) and full_key == "?":
+        msg = str(exc).splitlines()[0]
+        return ConfigError(f"config has a wrong type or value (from {source}): {msg}")
     if isinstance(exc, oc_errors.ValidationError):
         msg = str(exc).splitlines()[0]
         return ConfigError(f"config key '{full_key}' has a wrong type or value (from {source}): {msg}")
