@@ -1,0 +1,156 @@
+"""Job kinds: how each one is validated on the submitting machine and what its tasks run.
+
+``prepare_job(kind, job_args)`` does all the checking BEFORE anything is queued (config files,
+keys, types, paths) and returns a :class:`PreparedJob` whose ``work`` is a picklable callable
+that every task runs with its :class:`~launch.task.TaskContext`. The training config travels
+resolved inside the job, so a requeue hours later runs exactly the config that was submitted
+even if the YAML files changed meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dinosys.config import load_config, to_yaml, write_atomic
+from dinosys.errors import NotAvailableError, UserError
+from launch.task import TaskContext
+
+log = logging.getLogger(__name__)
+
+JOB_KINDS = ("train", "clip", "distill", "curate", "eval")
+# config dataclasses (in dinosys.config) of the kinds whose command takes CONFIG key=value
+CONFIG_SCHEMAS = {"train": "TrainConfig", "clip": "ClipConfig", "distill": "DistillConfig"}
+
+
+@dataclass
+class PreparedJob:
+    """A validated job, ready to submit."""
+
+    kind: str
+    name: str  # default job name (the recipe's ``name``)
+    work: Callable[[TaskContext], dict]
+    resolved_config: str | None  # YAML text saved in the run directory
+    distributed: bool  # one task per GPU (or CPU slot); False: a single task
+    handles_preemption: bool  # the work checkpoints collectively on USR2 and says "preempted"
+    resumable: bool = False  # restarting the work from scratch skips what is already done
+
+
+def split_config_args(job_args: Sequence[str], kind: str) -> tuple[str, list[str]]:
+    """``CONFIG key=value ...`` -> (config, overrides); UserError when CONFIG is missing."""
+    args = list(job_args)
+    if not args or "=" in args[0] or args[0].startswith("-"):
+        raise UserError(f"`{kind}` needs a CONFIG (path or name under configs/) after `--`, "
+                        "e.g. `-- mnist_tiny_cpu optim.epochs=2`")
+    bad = [a for a in args[1:] if "=" not in a or a.startswith("-")]
+    if bad:
+        raise UserError(f"after the CONFIG only key=value overrides are allowed, got '{bad[0]}'")
+    return args[0], args[1:]
+
+
+# --------------------------------------------------------------------------- work functions
+# Module-level functions bound with functools.partial: submitit pickles them by reference.
+
+
+def run_train_work(cfg: object, ctx: TaskContext) -> dict:
+    """A task of a training job: ``dinosys.train.run.run_train`` on the resolved config."""
+    from dinosys.train.run import run_train
+
+    summary = run_train(cfg, ctx.run_dir)  # type: ignore[arg-type]
+    return dict(summary)
+
+
+def run_cli_work(argv: list[str], config_yaml: str | None, ctx: TaskContext) -> dict:
+    """A task that runs a ``dinosys`` subcommand in-process (a resolved config is written to
+    ``RUN/submission/config.yaml`` and passed as CONFIG). Raises when it fails."""
+    from dinosys.cli import main
+
+    argv = [a.replace("{run_dir}", str(ctx.run_dir)) for a in argv]
+    if config_yaml is not None:
+        path = ctx.run_dir / "submission" / "config.yaml"
+        if not path.exists():
+            write_atomic(path, config_yaml)
+        argv = [argv[0], str(path), *argv[1:]]
+    code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"`dinosys {' '.join(argv)}` exited with code {code}")
+    return {"status": "finished", "command": ["dinosys", *argv]}
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def _prepare_train(config: str, overrides: list[str]) -> PreparedJob:
+    from dinosys.config import TrainConfig
+
+    cfg = load_config(TrainConfig, config, overrides, kind="train")
+    return PreparedJob(kind="train", name=cfg.name, work=functools.partial(run_train_work, cfg),
+                       resolved_config=to_yaml(cfg), distributed=True, handles_preemption=True)
+
+
+def _prepare_config_cli(kind: str, config: str, overrides: list[str]) -> PreparedJob:
+    import dinosys.cli
+    import dinosys.config
+
+    if kind in getattr(dinosys.cli, "NOT_YET", {}):
+        raise NotAvailableError(f"dinosys {kind}: {dinosys.cli.NOT_YET[kind]}")
+    schema = getattr(dinosys.config, CONFIG_SCHEMAS[kind], None)
+    if schema is None:
+        raise NotAvailableError(f"launch: no {CONFIG_SCHEMAS[kind]} in dinosys.config to validate "
+                                f"a `{kind}` config with")
+    cfg = load_config(schema, config, overrides, kind=kind)
+    work = functools.partial(run_cli_work, [kind, "--out", "{run_dir}"], to_yaml(cfg))
+    return PreparedJob(kind=kind, name=getattr(cfg, "name", kind), work=work,
+                       resolved_config=to_yaml(cfg), distributed=True, handles_preemption=False)
+
+
+def _parse_dinosys_args(argv: list[str]) -> object:
+    """Parse with the real `dinosys` parser; its error becomes one UserError line."""
+    from dinosys.cli import build_parser
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return build_parser().parse_args(argv)
+    except SystemExit as exc:
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        raise UserError(lines[-1] if lines else f"invalid arguments: {' '.join(argv)}") from exc
+
+
+def _prepare_eval(job_args: list[str]) -> PreparedJob:
+    if not job_args:
+        raise UserError("`eval` needs the `dinosys eval` arguments after `--`, e.g. "
+                        "`-- knn --model RUN --train DIR --val DIR`")
+    args = _parse_dinosys_args(["eval", *job_args])
+    protocol = args.eval_command  # type: ignore[attr-defined]
+    import dinosys.cli
+
+    if f"eval {protocol}" in getattr(dinosys.cli, "NOT_YET", {}):
+        reason = dinosys.cli.NOT_YET[f"eval {protocol}"]
+        raise NotAvailableError(f"dinosys eval {protocol}: {reason}")
+    for flag in ("model", "train", "val"):
+        value = getattr(args, flag, None)
+        if value is not None and not Path(value).exists():
+            raise UserError(f"eval --{flag} {value}: no such file or directory")
+    argv = ["eval", *job_args]
+    if getattr(args, "out", "missing") is None:  # knn --out: keep the JSON in the run directory
+        argv += ["--out", f"{{run_dir}}/eval/{protocol}.json"]
+    return PreparedJob(kind="eval", name=f"eval-{protocol}",
+                       work=functools.partial(run_cli_work, argv, None), resolved_config=None,
+                       distributed=False, handles_preemption=False)
+
+
+def prepare_job(kind: str, job_args: Sequence[str]) -> PreparedJob:
+    """Validate a job locally (no Slurm involved); UserError / NotAvailableError when invalid."""
+    if kind == "train":
+        return _prepare_train(*split_config_args(job_args, kind))
+    if kind in ("clip", "distill"):
+        return _prepare_config_cli(kind, *split_config_args(job_args, kind))
+    if kind == "eval":
+        return _prepare_eval(list(job_args))
+    raise UserError(f"unknown job kind '{kind}'; one of {', '.join(JOB_KINDS)}")
