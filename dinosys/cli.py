@@ -43,9 +43,10 @@ def _cmd_data_builtin(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dinosys.config import TrainConfig, load_config
-    from dinosys.train.run import run_train
 
     cfg = load_config(TrainConfig, args.config, args.overrides, kind="train")
+    from dinosys.train.run import run_train  # after the config: bad input fails before torch loads
+
     run_dir = Path(args.out) if args.out else default_run_dir(cfg.name)
     summary = run_train(cfg, run_dir)
     print_json(summary)
