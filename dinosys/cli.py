@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ def print_json(obj: dict) -> None:
 def _cmd_data_builtin(args: argparse.Namespace) -> int:
     from dinosys.data.builtin import build_builtin
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     sets = args.sets.split(",") if args.sets else None
     summary = build_builtin(Path(args.out), sets=sets, force=args.force)
     print_json(summary)

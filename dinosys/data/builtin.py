@@ -50,6 +50,7 @@ SETS = ("mnist", "digits", "photos")
 SPLIT_SEED = "dinosys-builtin-v1"
 VAL_FRACTION = 0.2
 STAMP_FILE = "builtin.json"
+LOCK_FILE = ".builtin.lock"
 TMP_PREFIX = ".builtin-tmp-"
 INSTALL_HINT = "pip install -c constraints-cpu.txt -e .[data]"
 SHARD_MAX_COUNT = {"mnist": 1000, "digits": 500, "photos": 6}  # >= 2 shards per set
@@ -235,9 +236,11 @@ def _build_set(set_name: str, tmp: Path) -> dict:
 
 
 def tree_digest(roots: list[Path], base: Path) -> str:
-    """sha256 over the sorted (relative path, file sha256) pairs of every file under ``roots``."""
+    """sha256 over the sorted (relative path, file sha256) pairs of the files under ``roots``
+    (hidden files, such as lock files, excluded)."""
     h = hashlib.sha256()
-    files = sorted(p for root in roots for p in root.rglob("*") if p.is_file())
+    files = sorted(p for root in roots for p in root.rglob("*")
+                   if p.is_file() and not p.name.startswith("."))
     for p in files:
         h.update(p.relative_to(base).as_posix().encode() + b"\0")
         h.update(hashlib.sha256(p.read_bytes()).digest())
@@ -315,19 +318,20 @@ def build_builtin(out: Path, sets: list[str] | None = None, force: bool = False)
 
     ``sets``: a subset of ``mnist``, ``digits``, ``photos`` (default: all). A set already listed
     in ``out/builtin.json`` with its folders present is reused at once (``cached: True``) unless
-    ``force``. Concurrent builders of one ``out`` take turns (a lock on the directory).
+    ``force``. Concurrent builders of one ``out`` take turns (``out/.builtin.lock``).
     """
     start = time.perf_counter()
     out = Path(out)
     names = _normalise_sets(sets)
     stamp = _read_stamp(out)
     if not force and all(_is_current(out, n, stamp["sets"].get(n)) for n in names):
+        logger.info("builtin %s in %s: up to date", ",".join(names), out)
         return _summary(out, stamp, names, cached=True, start=start)
 
     out.mkdir(parents=True, exist_ok=True)
-    dir_fd = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+    # a lock file opened for writing (not the directory): flock works that way on NFS too
+    with open(out / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         stamp = _read_stamp(out)  # another process may have built while we waited
         todo = [n for n in names if force or not _is_current(out, n, stamp["sets"].get(n))]
         if not todo:
@@ -357,5 +361,3 @@ def build_builtin(out: Path, sets: list[str] | None = None, force: bool = False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return _summary(out, _read_stamp(out), names, cached=False, start=start)
-    finally:
-        os.close(dir_fd)

@@ -30,6 +30,7 @@ from dinosys.config import write_atomic
 logger = logging.getLogger(__name__)
 
 SIZES_FILE = "sizes.json"
+SIZES_LOCK = ".sizes.json.lock"
 TAR_BLOCK = 512
 _FIELD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -237,10 +238,10 @@ class ShardWriter:
     def _write_sizes(self) -> None:
         """Merge this writer's shards into sizes.json, keeping other prefixes' entries."""
         path = self.out_dir / SIZES_FILE
-        # lock the directory itself (no lock file left behind) against concurrent writers
-        dir_fd = os.open(self.out_dir, os.O_RDONLY)
-        try:
-            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        # writers of other prefixes may share the directory: merge under a lock (a file opened
+        # for writing, so that flock also works on NFS)
+        with open(self.out_dir / SIZES_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             merged: dict[str, int] = {}
             if path.exists():
                 try:
@@ -251,5 +252,3 @@ class ShardWriter:
             merged = {k: v for k, v in merged.items() if not ours.match(k)}
             merged.update(self.sizes)
             write_atomic(path, json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
-        finally:
-            os.close(dir_fd)
