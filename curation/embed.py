@@ -75,7 +75,7 @@ class ImageRows(Dataset):
             img = decode(data, self.cfg.max_image_pixels)
             return preprocess(img, size, self.mean, self.std), int(r["id"][i]), "", *img.size
         except Exception as exc:  # any decode failure is recorded, never fatal
-            reason = str(getattr(exc, "reason", "") or f"{type(exc).__name__}: {exc}")
+            reason = str(exc) if hasattr(exc, "reason") else f"{type(exc).__name__}: {exc}"
             return torch.zeros(3, size, size), int(r["id"][i]), reason.splitlines()[0][:200], 0, 0
 
 

@@ -1,0 +1,108 @@
+"""`dinosys-curate`: run the whole curation pipeline or one stage.
+
+    dinosys-curate run CONFIG [key=value ...]
+    dinosys-curate embed CONFIG [--part i/n] [--max-chunks N] [key=value ...]
+    dinosys-curate {dedup,cluster,retrieve,shard,report} CONFIG [key=value ...]
+
+Every stage is idempotent: it skips itself when its done-marker matches the digest of its inputs
+and config, and ``embed`` resumes chunk by chunk after a kill. Errors in the input end with one
+line on stderr and exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from dinosys.errors import UserError
+
+STAGES = ("embed", "dedup", "cluster", "retrieve", "shard", "report")
+
+
+def _parse_part(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--part '{text}' must look like i/n (e.g. 0/4)") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--part '{text}': need 0 <= i < n")
+    return i, n
+
+
+def _load(args: argparse.Namespace):
+    from curation.config import CurationConfig
+    from dinosys.config import load_config
+
+    cfg = load_config(CurationConfig, args.config, args.overrides, kind="curation")
+    if args.no_progress:
+        cfg.progress = False
+    return cfg
+
+
+def _run(args: argparse.Namespace) -> int:
+    from curation import pipeline
+    from dinosys.cli import print_json
+
+    cfg = _load(args)
+    part = _parse_part(getattr(args, "part", None)) or pipeline.part_from_env()
+    stage = args.command
+    if stage == "run":
+        summary = pipeline.run_all(cfg, part)
+    elif stage == "embed":
+        summary = pipeline.stage_embed(cfg, part, args.max_chunks)
+    elif stage == "shard":
+        from curation.shards import stage_shard
+
+        summary = stage_shard(cfg)
+    elif stage == "report":
+        from curation.report import stage_report
+
+        summary = stage_report(cfg)
+    else:
+        summary = getattr(pipeline, f"stage_{stage}")(cfg)
+    print_json({"stage": stage, **summary})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `dinosys-curate`."""
+    parser = argparse.ArgumentParser(
+        prog="dinosys-curate",
+        description="Curate raw images into LVD-style shards: embed, dedup, decontaminate, "
+        "cluster, retrieve, shard, report.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
+    helps = {"run": "every stage in order", "embed": "ingest + embed (resumable, --part i/n)",
+             "dedup": "near-duplicate removal and decontamination",
+             "cluster": "hierarchical k-means", "retrieve": "retrieval / balanced sampling",
+             "shard": "WebDataset shards + manifest.parquet", "report": "curation_report.html"}
+    for name in ("run", *STAGES):
+        p = sub.add_parser(name, help=helps[name])
+        p.add_argument("config", help="YAML path or a name under configs/curation/")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name in ("run", "embed"):
+            p.add_argument("--part", help="this process's part i/n of the embedding work "
+                           "(default: torchrun RANK/WORLD_SIZE or the Slurm array task)")
+        if name == "embed":
+            p.add_argument("--max-chunks", type=int, default=None,
+                           help="embed at most this many chunks, then stop (resume later)")
+        p.set_defaults(func=_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `dinosys-curate` console script."""
+    from dinosys.cli import run_cli
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    return run_cli(build_parser(), argv, "dinosys-curate")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
