@@ -142,16 +142,15 @@ def reduced_size_hint(header: ImageHeader, draft_size: tuple[int, int] | None
     return (min_h, min_w) if header.swaps_axes else (min_w, min_h)
 
 
-def _decode_simplejpeg(data: bytes, hint: tuple[int, int] | None) -> Image.Image:
+def _decode_simplejpeg(data: bytes, hint: tuple[int, int] | None) -> np.ndarray:
     min_w, min_h = hint if hint is not None else (0, 0)
     try:
-        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w,
-                                     strict=True)
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w,
+                                      strict=True)
     except ValueError as exc:
         text = str(exc).lower()
         reason = "truncated" if ("premature" in text or "truncat" in text) else "corrupt"
         raise BadImageError(reason, str(exc)[:80]) from exc
-    return Image.frombuffer("RGB", (arr.shape[1], arr.shape[0]), arr, "raw", "RGB", 0, 1)
 
 
 def _decode_pil(img: Image.Image, hint: tuple[int, int] | None) -> Image.Image:
@@ -166,6 +165,31 @@ def _decode_pil(img: Image.Image, hint: tuple[int, int] | None) -> Image.Image:
     return to_rgb(img)
 
 
+def decode_array(data: bytes, max_pixels: int, draft_size: tuple[int, int] | None = None,
+                 decoder: str = "auto", header: ImageHeader | None = None) -> np.ndarray:
+    """Like :func:`decode_image` but returns a writable uint8 (H, W, 3) array (no extra copy)."""
+    img = _open(data, max_pixels)
+    if header is None:
+        orientation = _orientation(img)
+        w, h = img.size
+        if orientation in (5, 6, 7, 8):
+            w, h = h, w
+        header = ImageHeader(w, h, img.format or "", orientation, img.mode)
+    hint = reduced_size_hint(header, draft_size)
+    method = _TRANSPOSE.get(header.orientation)
+    if (decoder in ("auto", "simplejpeg") and simplejpeg is not None
+            and header.format == "JPEG" and header.mode in ("RGB", "L")):
+        arr = _decode_simplejpeg(data, hint)
+        if method is None:
+            return arr
+        out = Image.fromarray(arr).transpose(method)
+    else:
+        out = _decode_pil(img, hint)
+        if method is not None:
+            out = out.transpose(method)
+    return np.array(out, dtype=np.uint8)
+
+
 def decode_image(data: bytes, max_pixels: int, draft_size: tuple[int, int] | None = None,
                  decoder: str = "auto", header: ImageHeader | None = None) -> Image.Image:
     """Decode ``data`` to an 8-bit RGB PIL image in displayed orientation.
@@ -175,18 +199,4 @@ def decode_image(data: bytes, max_pixels: int, draft_size: tuple[int, int] | Non
     simplejpeg or pil. Raises BadImageError(reason) with reason in BAD_REASONS; the pixel limit
     ``max_pixels`` is checked on the header before decoding.
     """
-    img = _open(data, max_pixels)
-    if header is None:
-        orientation = _orientation(img)
-        w, h = img.size
-        if orientation in (5, 6, 7, 8):
-            w, h = h, w
-        header = ImageHeader(w, h, img.format or "", orientation, img.mode)
-    hint = reduced_size_hint(header, draft_size)
-    use_sj = (decoder in ("auto", "simplejpeg") and simplejpeg is not None
-              and header.format == "JPEG" and header.mode in ("RGB", "L"))
-    out = _decode_simplejpeg(data, hint) if use_sj else _decode_pil(img, hint)
-    method = _TRANSPOSE.get(header.orientation)
-    if method is not None:
-        out = out.transpose(method)
-    return out
+    return Image.fromarray(decode_array(data, max_pixels, draft_size, decoder, header), "RGB")
