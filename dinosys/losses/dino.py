@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dinosys.losses._precision import at_least_fp32
+from dinosys.losses.soft_ce import soft_cross_entropy
 
 
 class DINOLossTerms(NamedTuple):
@@ -41,7 +41,8 @@ def dino_loss(
         student_temp: temperature of the student softmax.
 
     Returns the sum over pairs (t, s != t) of mean_b[-sum_k p_t log softmax(z_s / temp)],
-    divided by the number of pairs G*(G+L) - G, computed in fp32 without a loop over pairs.
+    divided by the number of pairs G*(G+L) - G, computed in fp32 without a loop over pairs
+    (two soft-target cross-entropy calls in all).
     """
     if not student_temp > 0:
         raise ValueError(f"student_temp must be > 0, got {student_temp}")
@@ -60,10 +61,9 @@ def dino_loss(
     probs_all_views = probs.sum(dim=0)  # (B, K): sum over teacher views t
 
     # Pairs with s a global crop: every teacher view except s itself.
-    lsm_global = F.log_softmax(at_least_fp32(student_global_logits) / student_temp, dim=-1)
-    lsm_global = lsm_global.view(n_global_crops, batch, n_prototypes)
     others = probs.flip(0) if n_global_crops == 2 else probs_all_views - probs
-    global_sum = -torch.dot(others.reshape(-1), lsm_global.reshape(-1))
+    student_global = student_global_logits.reshape(n_global_crops, batch, n_prototypes)
+    global_sum = soft_cross_entropy(student_global, others, student_temp).sum()
     n_global_pairs = n_global_crops * (n_global_crops - 1)
 
     local_sum = global_sum.new_zeros(())
@@ -79,9 +79,10 @@ def dino_loss(
                 f"{student_local_logits.shape[0]} local rows are not a multiple of B={batch}"
             )
         n_local = student_local_logits.shape[0] // batch
-        lsm_local = F.log_softmax(at_least_fp32(student_local_logits) / student_temp, dim=-1)
-        # sum_{l,b,k} lsm[l,b,k] * P[b,k] as a mat-vec: no (L, B, K) product tensor.
-        local_sum = -torch.mv(lsm_local.view(n_local, -1), probs_all_views.reshape(-1)).sum()
+        # Every local crop is paired with every teacher view: one summed (B, K) target,
+        # broadcast over the L crops (CE is linear in the target).
+        student_local = student_local_logits.reshape(n_local, batch, n_prototypes)
+        local_sum = soft_cross_entropy(student_local, probs_all_views, student_temp).sum()
         n_local_pairs = n_global_crops * n_local
 
     n_pairs = n_global_pairs + n_local_pairs

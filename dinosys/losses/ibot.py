@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dinosys.losses._precision import at_least_fp32
+from dinosys.losses.soft_ce import soft_cross_entropy
 
 
 def ibot_loss(
@@ -43,8 +41,5 @@ def ibot_loss(
             f"mask_weights must be (M,) = ({student_masked_logits.shape[0]},), "
             f"got {tuple(mask_weights.shape)}"
         )
-    lsm = F.log_softmax(at_least_fp32(student_masked_logits) / student_temp, dim=-1)
-    probs = at_least_fp32(teacher_masked_probs.detach())
-    # Row-wise dot products as a batched mat-mul: no (M, K) product tensor.
-    per_token = -torch.bmm(lsm.unsqueeze(1), probs.unsqueeze(2)).reshape(-1)
+    per_token = soft_cross_entropy(student_masked_logits, teacher_masked_probs, student_temp)
     return (per_token * mask_weights.detach().to(per_token.dtype)).sum() / n_global_images

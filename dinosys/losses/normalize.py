@@ -134,18 +134,17 @@ def sinkhorn_knopp(
     all_reduce_(proto_max, op=dist.ReduceOp.MAX, group=group)
     proto_max = torch.where(torch.isfinite(proto_max), proto_max, torch.zeros_like(proto_max))
 
-    q = torch.exp((logits - proto_max) / temp).t()  # K x B, as in the paper's notation
+    # Q^T is kept as a (B, K) matrix: "rows" of Q (prototypes) are its columns here.
+    q = torch.sub(logits, proto_max).div_(temp).exp_()
     total_and_count = torch.cat([q.sum().reshape(1), count])
     all_reduce_(total_and_count, group=group)
     total, b_global = total_and_count[0], total_and_count[1].clamp_min(1)
     tiny = torch.finfo(q.dtype).tiny
     q /= total.clamp_min(tiny)
     for _ in range(n_iterations):
-        row_sums = q.sum(dim=1, keepdim=True)
-        all_reduce_(row_sums, group=group)
-        q /= row_sums.clamp_min(tiny)
-        q /= n_prototypes
-        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)
-        q /= b_global
+        proto_sums = q.sum(dim=0)
+        all_reduce_(proto_sums, group=group)
+        q /= proto_sums.clamp_min(tiny) * n_prototypes
+        q /= q.sum(dim=1, keepdim=True).clamp_min(tiny) * b_global
     q *= b_global
-    return q.t()
+    return q

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinosys.config import HeadConfig
+if TYPE_CHECKING:
+    from dinosys.config import HeadConfig
 
 LAST_LAYER_KINDS = ("weight_norm", "linear")
 

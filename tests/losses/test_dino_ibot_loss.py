@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dinosys.losses import dino_loss, dino_loss_from_crops, ibot_loss, sinkhorn_knopp
+from dinosys.losses.soft_ce import soft_cross_entropy
 
 TEMP = 0.1
 
@@ -139,3 +140,17 @@ def test_ibot_rejects_bad_arguments():
         ibot_loss(torch.randn(2, 3), torch.rand(2, 3), torch.ones(2), 0)
     with pytest.raises(ValueError, match="mask_weights"):
         ibot_loss(torch.randn(2, 3), torch.rand(2, 3), torch.ones(3), 4)
+
+
+def test_soft_cross_entropy_gradcheck_with_broadcast_unnormalised_targets():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.rand(4, 6, generator=g, dtype=torch.float64) * 2  # (B, K) for 3 crops
+    assert torch.autograd.gradcheck(lambda z: soft_cross_entropy(z, targets, 0.1), (logits,))
+    expected = -(targets * torch.log_softmax(logits / 0.1, dim=-1)).sum(-1)
+    torch.testing.assert_close(soft_cross_entropy(logits, targets, 0.1), expected)
+    low = logits.detach().to(torch.bfloat16).requires_grad_(True)
+    out = soft_cross_entropy(low, targets.float(), 0.1)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert low.grad.dtype == torch.bfloat16 and torch.isfinite(low.grad.float()).all()
