@@ -97,7 +97,9 @@ def sinkhorn_knopp(
     n_valid: int | Tensor | None = None,
     group: ProcessGroup | None = None,
 ) -> Tensor:
-    """Sinkhorn-Knopp teacher targets (B, K) -> (B, K) fp32 probabilities (rows sum to 1).
+    """Sinkhorn-Knopp teacher targets (B, K) -> (B, K) probabilities (rows sum to 1).
+
+    Computed in fp32 (float64 input stays float64), without gradient.
 
     Q = exp(t / temp)^T (K x B_global), Q /= sum(Q), then `n_iterations` of
     [rows /= rowsum, /= K; cols /= colsum, /= B_global], finally Q *= B_global and return Q^T.
@@ -123,6 +125,8 @@ def sinkhorn_knopp(
     if n_valid is None:
         count = logits.new_full((1,), n_rows)
     else:
+        if not isinstance(n_valid, Tensor) and not 0 <= n_valid <= n_rows:
+            raise ValueError(f"n_valid must be in [0, {n_rows}], got {n_valid}")
         count = torch.as_tensor(n_valid, device=logits.device, dtype=logits.dtype).reshape(1)
         is_padding = torch.arange(n_rows, device=logits.device) >= count
         logits = logits.masked_fill(is_padding.unsqueeze(1), float("-inf"))

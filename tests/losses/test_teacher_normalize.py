@@ -91,6 +91,8 @@ def test_sinkhorn_rejects_bad_arguments():
         sinkhorn_knopp(torch.randn(3, 4), 0.1, n_iterations=0)
     with pytest.raises(ValueError, match=r"\(B, K\)"):
         sinkhorn_knopp(torch.randn(3, 4, 5), 0.1)
+    with pytest.raises(ValueError, match="n_valid"):
+        sinkhorn_knopp(torch.randn(3, 4), 0.1, n_valid=4)
 
 
 def test_centering_softmax_and_ema_update():
