@@ -4,8 +4,9 @@ Each shard is written under a hidden temporary name and renamed into place when 
 so a reader (or a crashed writer) never sees half a shard under a real shard name. Tar headers
 are fixed (mtime, owner, mode) and every value is encoded with fixed settings, so the same samples
 give the same bytes. ``sizes.json`` (``{"<shard>.tar": n_samples}``) is written atomically on a
-clean close, merged with the entries of other prefixes in the same directory; it is not written when
-the ``with`` block fails, so an interrupted output never looks complete.
+clean close, merged with the entries of other prefixes (and of this prefix's shards below
+``start_index``, for a resumed writer) in the same directory; it is not written when the ``with``
+block fails, so an interrupted output never looks complete.
 """
 
 from __future__ import annotations
@@ -103,9 +104,11 @@ class ShardWriter:
     A sample is a dict with ``__key__`` (no dots) and one entry per field, named by extension
     (``png``, ``jpg``, ``webp``, ``json``, ``txt``, ``cls``, ...). A new shard starts when the
     current one holds ``max_count`` samples or would exceed about ``max_size`` bytes (a single
-    larger sample gets a shard of its own). Shard names matching this prefix that already exist
-    in ``out_dir`` are an error unless ``overwrite`` (then they are deleted first). Use as a context
-    manager; :meth:`close` returns ``{shard_name: n_samples}``.
+    larger sample gets a shard of its own). Fields named ``__*`` (WebDataset metadata such as
+    ``__url__``) are not stored. Shards of this prefix numbered from ``start_index`` on that
+    already exist are an error unless ``overwrite`` (then they are deleted first); a writer with
+    ``start_index=n`` resumes an output after its first n shards. Use as a context manager;
+    :meth:`close` returns ``{shard_name: n_samples}`` for the shards it wrote.
     """
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str = "", max_count: int = 10_000,
@@ -120,6 +123,8 @@ class ShardWriter:
         self.max_count = max_count
         self.max_size = max_size
         self.mtime = int(mtime)  # an int: a float mtime adds a PAX header to every member
+        self._start_index = start_index
+        self._name_re = re.compile(re.escape(prefix) + r"(\d{6})\.tar$")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._check_existing(overwrite)
         self.sizes: dict[str, int] = {}
@@ -153,7 +158,7 @@ class ShardWriter:
             raise ValueError(f"sample key {key!r} repeats the previous sample's key")
         payload: dict[str, bytes] = {}
         for field, value in sample.items():
-            if field == "__key__":
+            if isinstance(field, str) and field.startswith("__"):  # __key__, __url__ (read back)
                 continue
             if not isinstance(field, str) or not _FIELD_RE.match(field):
                 raise ValueError(f"sample {key!r}: bad field name {field!r} (use e.g. png, json)")
@@ -208,9 +213,13 @@ class ShardWriter:
 
     # ------------------------------------------------------------------ internals
 
+    def _is_ours(self, name: str) -> bool:
+        """A shard name this writer may (re)write: its prefix and an index >= start_index."""
+        match = self._name_re.match(name)
+        return match is not None and int(match.group(1)) >= self._start_index
+
     def _check_existing(self, overwrite: bool) -> None:
-        pattern = re.compile(re.escape(self.prefix) + r"\d{6}\.tar$")
-        existing = sorted(p for p in self.out_dir.iterdir() if pattern.match(p.name))
+        existing = sorted(p for p in self.out_dir.iterdir() if self._is_ours(p.name))
         if existing and not overwrite:
             raise FileExistsError(f"{self.out_dir} already holds shards named like "
                                   f"{existing[0].name}; pass overwrite=True or use a new directory")
@@ -257,7 +266,6 @@ class ShardWriter:
                     merged = {k: int(v) for k, v in json.loads(path.read_text()).items()}
                 except (ValueError, AttributeError) as exc:
                     raise ValueError(f"{path} is not a JSON object of shard sizes") from exc
-            ours = re.compile(re.escape(self.prefix) + r"\d{6}\.tar$")
-            merged = {k: v for k, v in merged.items() if not ours.match(k)}
+            merged = {k: v for k, v in merged.items() if not self._is_ours(k)}
             merged.update(self.sizes)
             write_atomic(path, json.dumps(dict(sorted(merged.items())), indent=1) + "\n")

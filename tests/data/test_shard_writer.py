@@ -129,6 +129,27 @@ def test_existing_shards_need_overwrite_and_prefixes_merge(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.glob(".*")] == [".sizes.json.lock"]
 
 
+def test_resume_after_existing_shards(tmp_path: Path) -> None:
+    samples = _samples(7)
+    _write(tmp_path, samples[:4], max_count=2)  # 000000, 000001
+    (tmp_path / "000002.tar").write_bytes(b"left by a crashed run")
+    with pytest.raises(FileExistsError):
+        ShardWriter(tmp_path, start_index=2)
+    sizes = _write(tmp_path, samples[4:], max_count=2, start_index=2, overwrite=True)
+    assert sizes == {"000002.tar": 2, "000003.tar": 1}
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {
+        "000000.tar": 2, "000001.tar": 2, "000002.tar": 2, "000003.tar": 1}
+    assert [s["__key__"] for s in _read(tmp_path)] == [s["__key__"] for s in samples]
+
+
+def test_reshard_samples_read_back(tmp_path: Path) -> None:
+    _write(tmp_path / "a", _samples(3))
+    back = _read(tmp_path / "a")  # carry __url__, __local_path__: not stored again
+    _write(tmp_path / "b", back)
+    shard = "000000.tar"
+    assert (tmp_path / "a" / shard).read_bytes() == (tmp_path / "b" / shard).read_bytes()
+
+
 def test_encode_field_types() -> None:
     assert encode_field("cls", 7) == b"7"
     assert encode_field("txt", "héllo") == "héllo".encode()
