@@ -1,7 +1,7 @@
 """Job kinds: how each one is validated on the submitting machine and what its tasks run.
 
-``prepare_job(kind, job_args)`` does all the checking BEFORE anything is queued (config files,
-keys, types, paths) and returns a :class:`PreparedJob` whose ``work`` is a picklable callable
+``prepare_jobs(kind, job_args)`` does all the checking BEFORE anything is queued (config files,
+keys, types, paths) and returns :class:`PreparedJob` s whose ``work`` is a picklable callable
 that every task runs with its :class:`~launch.task.TaskContext`. The training config travels
 resolved inside the job, so a requeue hours later runs exactly the config that was submitted
 even if the YAML files changed meanwhile.
@@ -39,6 +39,8 @@ class PreparedJob:
     distributed: bool  # one task per GPU (or CPU slot); False: a single task
     handles_preemption: bool  # the work checkpoints collectively on USR2 and says "preempted"
     resumable: bool = False  # restarting the work from scratch skips what is already done
+    array_size: int = 0  # > 0: a Slurm array of this many single-task jobs (--local: tasks)
+    stage: str = ""  # within a pipeline (curation): the stage this job runs
 
 
 def split_config_args(job_args: Sequence[str], kind: str) -> tuple[str, list[str]]:
@@ -80,6 +82,25 @@ def run_cli_work(argv: list[str], config_yaml: str | None, ctx: TaskContext) -> 
     if code != 0:
         raise RuntimeError(f"`dinosys {' '.join(argv)}` exited with code {code}")
     return {"status": "finished", "command": ["dinosys", *argv]}
+
+
+def run_curate_work(stage: str, config_yaml: str, parts: int, ctx: TaskContext) -> dict:
+    """A task of a curation job: ``dinosys-curate STAGE CONFIG [--part i/n]`` in-process, on the
+    resolved config. ``parts`` > 0: this task embeds part i of ``parts`` (i = its array index on
+    Slurm, its rank with --local)."""
+    from curation.cli import main
+
+    path = ctx.run_dir / "submission" / "config.yaml"
+    if not path.exists():
+        write_atomic(path, config_yaml)
+    argv = [stage, str(path), "--no-progress"]
+    if parts:
+        index = ctx.array_index if ctx.array_index is not None else ctx.rank
+        argv += ["--part", f"{index}/{parts}"]
+    code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"`dinosys-curate {' '.join(argv)}` exited with code {code}")
+    return {"status": "finished", "stage": stage, "part": argv[-1] if parts else None}
 
 
 # --------------------------------------------------------------------------- preparation
@@ -145,12 +166,38 @@ def _prepare_eval(job_args: list[str]) -> PreparedJob:
                        distributed=False, handles_preemption=False)
 
 
-def prepare_job(kind: str, job_args: Sequence[str]) -> PreparedJob:
-    """Validate a job locally (no Slurm involved); UserError / NotAvailableError when invalid."""
+def _prepare_curate(config: str, overrides: list[str], parts: int) -> list[PreparedJob]:
+    """Curation as two chained jobs: an array of ``parts`` embedding jobs (``embed --part
+    i/n``), then, after all of them succeeded, one job that merges the parts and runs the
+    remaining stages (``run``: dedup, cluster, retrieve, shard, report; each skips itself when
+    done). Every stage is idempotent, so USR2 simply requeues."""
+    from curation.config import CurationConfig
+
+    cfg = load_config(CurationConfig, config, overrides, kind="curation")
+    text = to_yaml(cfg)
+    embed = PreparedJob(kind="curate", name=cfg.name, stage="embed",
+                        work=functools.partial(run_curate_work, "embed", text, parts),
+                        resolved_config=text, distributed=False, handles_preemption=False,
+                        resumable=True, array_size=parts)
+    rest = PreparedJob(kind="curate", name=cfg.name, stage="run",
+                       work=functools.partial(run_curate_work, "run", text, 0),
+                       resolved_config=text, distributed=False, handles_preemption=False,
+                       resumable=True)
+    return [embed, rest]
+
+
+def prepare_jobs(kind: str, job_args: Sequence[str], parts: int = 1) -> list[PreparedJob]:
+    """Validate a job locally (no Slurm involved) and return the job(s) to submit in order,
+    each after the previous one succeeded; UserError / NotAvailableError when invalid.
+    ``parts``: how many parallel embedding jobs a curation runs."""
     if kind == "train":
-        return _prepare_train(*split_config_args(job_args, kind))
+        return [_prepare_train(*split_config_args(job_args, kind))]
     if kind in ("clip", "distill"):
-        return _prepare_config_cli(kind, *split_config_args(job_args, kind))
+        return [_prepare_config_cli(kind, *split_config_args(job_args, kind))]
     if kind == "eval":
-        return _prepare_eval(list(job_args))
+        return [_prepare_eval(list(job_args))]
+    if kind == "curate":
+        if parts < 1:
+            raise UserError(f"--parts must be >= 1, got {parts}")
+        return _prepare_curate(*split_config_args(job_args, kind), parts)
     raise UserError(f"unknown job kind '{kind}'; one of {', '.join(JOB_KINDS)}")

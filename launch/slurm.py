@@ -50,7 +50,8 @@ def check_slurm() -> list[str]:
         raise UserError(f"no Slurm found: `sinfo` did not answer within {CLIENT_TIMEOUT_S}s"
                         ) from exc
     if res.returncode != 0:
-        raise UserError(f"no Slurm found: `sinfo` failed: {_first_line(res.stderr)}")
+        hint = "" if conf else " (SLURM_CONF is not set)"
+        raise UserError(f"no Slurm found: `sinfo` failed{hint}: {_first_line(res.stderr)}")
     names = [p.strip() for p in res.stdout.split() if p.strip()]
     if not names:
         raise UserError("the Slurm cluster has no partition (sinfo -h -o %P printed nothing)")
@@ -85,6 +86,7 @@ def job_state(job_id: str) -> str:
     return job_fields(job_id).get("JobState", "UNKNOWN")
 
 
+REQUEUE_SETTLE_S = 3.0
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -93,18 +95,27 @@ def wait_for_job(job_id: str, timeout_s: float, poll_s: float = 1.0,
                  start_requeued_now: bool = False) -> dict[str, str]:
     """Poll until the job reaches a final state; returns its scontrol fields.
 
-    ``start_requeued_now``: a requeued job waits ~2 min (BeginTime) before it may run again;
-    start it at once instead (tests, a local cluster).
+    ``start_requeued_now``: a requeued job is held (BeginTime, AuthInfo's cred_expire, 120 s by
+    default) before it may run again; start it soon instead (tests, a local cluster).
     """
     deadline = time.monotonic() + timeout_s
     fields: dict[str, str] = {}
+    held_since: float | None = None
     while time.monotonic() < deadline:
         fields = job_fields(job_id)
         state = fields.get("JobState", "UNKNOWN")
         if state in FINAL_STATES:
             return fields
-        if start_requeued_now and state == "PENDING" and fields.get("Reason") == "BeginTime":
-            start_now(job_id)
+        held = state == "PENDING" and fields.get("Reason") == "BeginTime"
+        if start_requeued_now and held:
+            held_since = held_since or time.monotonic()
+            # slurmd refuses a credential issued in the same second as the previous run's
+            # revocation ("Job credential revoked": the job FAILS): let a few seconds pass
+            if time.monotonic() - held_since >= REQUEUE_SETTLE_S:
+                start_now(job_id)
+                held_since = None
+        elif not held:
+            held_since = None
         time.sleep(poll_s)
     raise TimeoutError(f"Slurm job {job_id} not finished after {timeout_s:.0f}s "
                        f"(state {fields.get('JobState', 'UNKNOWN')})")
@@ -121,7 +132,9 @@ def requeue(job_id: str) -> bool:
 
 
 def start_now(job_id: str, attempts: int = 5) -> bool:
-    """Lift the ~120 s BeginTime Slurm puts on a requeued job (harmless otherwise)."""
+    """Lift the BeginTime hold Slurm puts on a requeued job (harmless otherwise). Call it a few
+    seconds after the requeue: a start within the same second as the revocation of the previous
+    run's credential fails the job."""
     for _ in range(attempts):
         res = _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         if res.returncode == 0:

@@ -4,15 +4,16 @@
         --timeout-min 2880 -- vitl14 optim.epochs=100
     python launch/submit.py train --nodes 1 --gpus-per-node 0 --tasks-per-node 2 \\
         --partition debug --timeout-min 10 -- mnist_tiny_cpu
-    python launch/submit.py train --local --gpus-per-node 0 --tasks-per-node 2 -- mnist_tiny_cpu
+    python launch/submit.py train --local --tasks-per-node 2 -- mnist_tiny_cpu
+    python launch/submit.py curate --parts 8 --gpus-per-node 1 -- my_curation.yaml
 
 Everything is checked before anything is queued (Slurm reachable, partition known, config valid);
-a problem ends with one line on stderr and exit code 2. The job gets one task per GPU (per CPU
-slot with ``--gpus-per-node 0 --tasks-per-node K``); each task reads its rank from Slurm. The run
-directory (``runs/<name>-<jobid>`` unless ``--out``) receives ``submission/`` (command line,
-sbatch script, resolved config, job.json) and submitit's logs under ``submitit/``. On USR2
-(time limit, preemption) training checkpoints on every rank and the job requeues itself (see
-launch/task.py), at most ``--max-requeues`` times. See docs/launch.md.
+a problem ends with one line on stderr and exit code 2. A training job gets one task per GPU (per
+CPU slot with ``--gpus-per-node 0 --tasks-per-node K``); each task reads its rank from Slurm.
+The run directory (``runs/<name>-<jobid>`` unless ``--out``) receives ``submission/`` (command
+line, sbatch script(s), resolved config, job.json) and submitit's logs under ``submitit/``. On
+USR2 (time limit, preemption) training checkpoints on every rank and the job requeues itself
+(launch/task.py), at most ``--max-requeues`` times. See docs/launch.md.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from dinosys.config import write_atomic  # noqa: E402
 from dinosys.errors import NotAvailableError, UserError  # noqa: E402
-from launch.jobs import JOB_KINDS, PreparedJob, prepare_job  # noqa: E402
+from launch.jobs import JOB_KINDS, PreparedJob, prepare_jobs  # noqa: E402
+from launch.params import default_parts, sbatch_script, slurm_parameters, tasks_per_node  # noqa: E402
 from launch.task import Task  # noqa: E402
 
 log = logging.getLogger("launch.submit")
@@ -68,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how often a preempted/timed-out job requeues itself (SLURM_RESTART_COUNT)")
     p.add_argument("--signal-delay-s", type=int, default=SIGNAL_DELAY_S,
                    help="USR2 this many seconds before the time limit (--signal=USR2@S)")
+    p.add_argument("--parts", type=int, default=None,
+                   help="curate: parallel embedding jobs (a Slurm array; default: nodes x tasks)")
     p.add_argument("--name", help="job name (default: the config's name)")
     p.add_argument("--out", help="run directory (default: runs/<name>-<jobid>)")
     p.add_argument("--local", action="store_true",
                    help="run here (no Slurm): the same tasks as local processes, in the foreground")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate and print the sbatch script; queue nothing")
+                   help="validate and print the sbatch script(s); queue nothing")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p
 
@@ -87,85 +91,25 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv[:i], argv[i + 1:]
 
 
-def tasks_per_node(args: argparse.Namespace) -> int:
-    """One task per GPU; ``--tasks-per-node`` on CPU-only partitions."""
-    if args.nodes < 1:
-        raise UserError(f"--nodes must be >= 1, got {args.nodes}")
-    if args.gpus_per_node < 0:
-        raise UserError(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
-    if args.gpus_per_node > 0:
-        if args.tasks_per_node not in (None, args.gpus_per_node):
-            raise UserError(f"--tasks-per-node {args.tasks_per_node} with --gpus-per-node "
-                            f"{args.gpus_per_node}: GPU jobs run one task per GPU")
-        return args.gpus_per_node
-    tasks = 1 if args.tasks_per_node is None else args.tasks_per_node
-    if tasks < 1:
-        raise UserError(f"--tasks-per-node must be >= 1, got {tasks}")
-    return tasks
-
-
-def slurm_parameters(args: argparse.Namespace, job: PreparedJob) -> dict[str, Any]:
-    """The SlurmExecutor parameters (sbatch options) of this submission."""
-    if args.timeout_min < 1:
-        raise UserError(f"--timeout-min must be >= 1, got {args.timeout_min}")
-    if job.distributed:
-        nodes, ntasks = args.nodes, tasks_per_node(args)
-    else:  # a single-process job (evaluation): one task, the GPUs of one node at most
-        nodes, ntasks = 1, 1
-        tasks_per_node(args)
-    params: dict[str, Any] = {
-        "job_name": args.name or f"dinosys-{job.kind}-{job.name}",
-        "time": args.timeout_min,
-        "nodes": nodes,
-        "ntasks_per_node": ntasks,
-        "signal_delay_s": args.signal_delay_s,
-        # Slurm may requeue it (node failure, preemption) and so may the job itself
-        "additional_parameters": {"requeue": True},
-    }
-    optional = {
-        "partition": args.partition, "account": args.account, "qos": args.qos,
-        "constraint": args.constraint, "exclude": args.exclude, "comment": args.comment,
-        "cpus_per_task": args.cpus_per_task,
-        "gpus_per_node": args.gpus_per_node or None,
-        "mem": None if args.mem_gb is None else _mem(args.mem_gb),
-    }
-    params.update({k: v for k, v in optional.items() if v is not None})
-    return params
-
-
-def _mem(mem_gb: float) -> str:
-    if mem_gb <= 0:
-        raise UserError(f"--mem-gb must be > 0, got {mem_gb}")
-    return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
-
-
-def sbatch_script(params: dict[str, Any], folder: Path) -> str:
-    """The sbatch script submitit will write for these parameters (for --dry-run)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    python = shlex.quote(sys.executable)
-    command = f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-    return _make_sbatch_string(command=command, folder=folder, **params)
-
-
-def default_run_dir(args: argparse.Namespace, job: PreparedJob, job_id: str) -> Path:
-    """``--out`` or ``runs/<name>-<job id>`` (absolute: tasks may start elsewhere)."""
+def run_dir_template(args: argparse.Namespace, job: PreparedJob) -> str:
+    """``--out``, or ``runs/<name>-%j`` (``%A`` for an array), absolute: tasks may start
+    elsewhere. Tasks replace the placeholder with their job id."""
     if args.out:
-        return Path(args.out).resolve()
-    name = args.name or job.name
-    return (Path("runs") / f"{name}-{job_id}").resolve()
+        return str(Path(args.out).resolve())
+    tag = "%A" if job.array_size else "%j"
+    return str((Path("runs") / f"{args.name or job.name}-{tag}").resolve())
 
 
 def write_submission_record(run_dir: Path, job: PreparedJob, argv: Sequence[str],
-                            info: dict[str, Any], sbatch: str | None) -> Path:
-    """``run_dir/submission/``: command.txt, config.yaml, sbatch.sh, job.json (atomic writes)."""
+                            info: dict[str, Any], sbatch: dict[str, str]) -> Path:
+    """``run_dir/submission/``: command.txt, config.yaml, sbatch*.sh, job.json (atomic)."""
     sub = run_dir / "submission"
     command = f"cd {shlex.quote(os.getcwd())} && {shlex.join([sys.executable, *argv])}\n"
     write_atomic(sub / "command.txt", command)
     if job.resolved_config is not None:
         write_atomic(sub / "config.yaml", job.resolved_config)
-    if sbatch is not None:
-        write_atomic(sub / "sbatch.sh", sbatch)
+    for name, text in sbatch.items():
+        write_atomic(sub / name, text)
     write_atomic(sub / "job.json", json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     return sub
 
@@ -177,60 +121,88 @@ def make_task(job: PreparedJob, run_dir: str, max_requeues: int, restart_count: 
                 restart_count=restart_count)
 
 
-def submit_slurm(args: argparse.Namespace, job: PreparedJob, argv: Sequence[str]) -> dict:
-    """Check the cluster, submit with submitit, write the submission record."""
-    import submitit
-
-    from launch import slurm
-
-    params = slurm_parameters(args, job)
-    run_template = str(default_run_dir(args, job, "%j"))
-    if args.dry_run:
-        print(sbatch_script(params, Path(run_template) / "submitit"), end="")
-        return {"dry_run": True, "parameters": params, "run_dir": run_template}
-    partitions = slurm.check_slurm()
-    slurm.check_partition(args.partition, partitions)
-    executor = submitit.SlurmExecutor(folder=Path(run_template) / "submitit")
-    executor.update_parameters(**params)
-    try:
-        sjob = executor.submit(make_task(job, run_template, args.max_requeues))
-    except submitit.core.utils.FailedJobError as exc:
-        raise UserError(f"sbatch refused the job: {_last_line(str(exc))}") from exc
-    run_dir = Path(run_template.replace("%j", str(sjob.job_id)))
-    sbatch = Path(sjob.paths.submission_file).read_text()
-    info = {"executor": "slurm", "job_id": sjob.job_id, "kind": job.kind, "run_dir": run_dir,
-            "parameters": params, "tasks": params["nodes"] * params["ntasks_per_node"],
-            "max_requeues": args.max_requeues, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "stdout": str(sjob.paths.stdout).replace("%t", "0"),
-            "slurm_conf": os.environ.get("SLURM_CONF")}
-    write_submission_record(run_dir, job, argv, info, sbatch)
-    print(f"submitted {job.kind} job {sjob.job_id}: {info['tasks']} task(s), run dir {run_dir}",
-          file=sys.stderr)
-    return {"job_id": sjob.job_id, "run_dir": str(run_dir), "tasks": info["tasks"],
-            "submission_file": str(sjob.paths.submission_file)}
-
-
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else text
 
 
-def run_local(args: argparse.Namespace, job: PreparedJob, argv: Sequence[str]) -> dict:
-    """The same tasks as local processes (submitit's LocalExecutor), in the foreground.
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
-    A preempted run (USR2 to the task processes) is started again, like a Slurm requeue, at most
-    ``--max-requeues`` times."""
+
+def _submit_one(args: argparse.Namespace, job: PreparedJob, run_dir: str,
+                dependency: str | None) -> tuple[Any, dict[str, Any]]:
     import submitit
 
-    if args.nodes != 1:
-        raise UserError(f"--local runs on this machine only: --nodes must be 1, got {args.nodes}")
-    ntasks = tasks_per_node(args) if job.distributed else 1
-    run_dir = (Path(args.out).resolve() if args.out else
-               (Path("runs") / f"{args.name or job.name}-local-{time.strftime('%Y%m%d-%H%M%S')}")
-               .resolve())
-    info = {"executor": "local", "kind": job.kind, "run_dir": run_dir, "tasks": ntasks,
-            "max_requeues": args.max_requeues, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_submission_record(run_dir, job, argv, info, None)
+    params = slurm_parameters(args, job, dependency)
+    folder = Path(run_dir) / "submitit"
+    executor = submitit.SlurmExecutor(folder=folder)
+    executor.update_parameters(**params)
+    task = make_task(job, run_dir, args.max_requeues)
+    try:
+        if job.array_size:
+            with executor.batch():
+                jobs = [executor.submit(task) for _ in range(job.array_size)]
+            first = jobs[0]
+        else:
+            first = executor.submit(task)
+    except submitit.core.utils.FailedJobError as exc:
+        raise UserError(f"sbatch refused the job: {_last_line(str(exc))}") from exc
+    return first, params
+
+
+def submit_slurm(args: argparse.Namespace, jobs: list[PreparedJob], argv: Sequence[str]) -> dict:
+    """Check the cluster, submit the job(s) (each after the previous one succeeded, ``afterok``),
+    write the submission record; returns a summary with the job ids and the run directory."""
+    from launch import slurm
+
+    template = run_dir_template(args, jobs[0])
+    if args.dry_run:
+        for job in jobs:
+            dependency = "afterok:<previous job>" if job is not jobs[0] else None
+            params = slurm_parameters(args, job, dependency)
+            print(f"# ---- {job.kind} {job.stage or ''}".rstrip())
+            print(sbatch_script(params, Path(template) / "submitit", job.array_size), end="")
+        return {"dry_run": True, "run_dir": template}
+    for job in jobs:  # resource flags are checked before the cluster is asked anything
+        slurm_parameters(args, job)
+    partitions = slurm.check_slurm()
+    slurm.check_partition(args.partition, partitions)
+    submitted: list[dict[str, Any]] = []
+    sbatch: dict[str, str] = {}
+    run_dir, dependency = template, None
+    for job in jobs:
+        sjob, params = _submit_one(args, job, run_dir, dependency)
+        job_id = str(sjob.job_id).split("_")[0]  # an array's id
+        run_dir = run_dir.replace("%j", job_id).replace("%A", job_id)
+        name = f"sbatch-{job.stage}.sh" if job.stage else "sbatch.sh"
+        sbatch[name] = Path(sjob.paths.submission_file).read_text()
+        submitted.append({"job_id": job_id, "stage": job.stage or job.kind, "parameters": params,
+                          "array_size": job.array_size,
+                          "tasks": params["nodes"] * params["ntasks_per_node"],
+                          "submission_file": str(sjob.paths.submission_file)})
+        dependency = f"afterok:{job_id}"
+    info = {"executor": "slurm", "kind": jobs[0].kind, "run_dir": run_dir, "jobs": submitted,
+            "job_id": submitted[0]["job_id"], "max_requeues": args.max_requeues,
+            "submitted_at": _now(), "slurm_conf": os.environ.get("SLURM_CONF")}
+    write_submission_record(Path(run_dir), jobs[0], argv, info, sbatch)
+    for s in submitted:
+        print(f"submitted {jobs[0].kind} {s['stage']} job {s['job_id']}: "
+              f"{s['array_size'] or 1} x {s['tasks']} task(s)", file=sys.stderr)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    return {"job_id": submitted[0]["job_id"], "job_ids": [s["job_id"] for s in submitted],
+            "run_dir": run_dir, "tasks": submitted[0]["tasks"],
+            "submission_file": submitted[0]["submission_file"]}
+
+
+class LocalJobFailed(Exception):
+    """A --local job's task failed (exit code 1; its log has the traceback)."""
+
+
+def _run_local_job(args: argparse.Namespace, job: PreparedJob, run_dir: Path) -> dict:
+    import submitit
+
+    ntasks = job.array_size or (tasks_per_node(args) if job.distributed else 1)
     executor = submitit.LocalExecutor(folder=run_dir / "submitit")
     executor.update_parameters(tasks_per_node=ntasks, nodes=1, timeout_min=args.timeout_min,
                                gpus_per_node=args.gpus_per_node,
@@ -238,8 +210,8 @@ def run_local(args: argparse.Namespace, job: PreparedJob, argv: Sequence[str]) -
     restarts = 0
     while True:
         ljob = executor.submit(make_task(job, str(run_dir), args.max_requeues, restarts))
-        print(f"running {job.kind} locally: {ntasks} task(s), logs {run_dir / 'submitit'}",
-              file=sys.stderr)
+        print(f"running {job.kind} {job.stage} locally: {ntasks} task(s), logs in "
+              f"{run_dir / 'submitit'}", file=sys.stderr)
         try:
             results = ljob.results()
         except Exception as exc:  # submitit re-raises the task's failure with its traceback
@@ -251,27 +223,41 @@ def run_local(args: argparse.Namespace, job: PreparedJob, argv: Sequence[str]) -
             print(f"preempted: starting again from the newest checkpoint ({restarts}/"
                   f"{args.max_requeues})", file=sys.stderr)
             continue
-        return {"status": status, "run_dir": str(run_dir), "restarts": restarts,
-                "result": results[0]}
+        return {"status": status, "restarts": restarts, "result": results[0], "tasks": ntasks}
 
 
-class LocalJobFailed(Exception):
-    """A --local job's task failed (exit code 1; its log has the traceback)."""
+def run_local(args: argparse.Namespace, jobs: list[PreparedJob], argv: Sequence[str]) -> dict:
+    """The same tasks as local processes (submitit's LocalExecutor), in the foreground, one job
+    after the other. A preempted run (USR2 to the tasks) starts again, like a Slurm requeue, at
+    most ``--max-requeues`` times."""
+    if args.nodes != 1:
+        raise UserError(f"--local runs on this machine only: --nodes must be 1, got {args.nodes}")
+    tasks_per_node(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = (Path(args.out) if args.out
+               else Path("runs") / f"{args.name or jobs[0].name}-local-{stamp}").resolve()
+    info: dict[str, Any] = {"executor": "local", "kind": jobs[0].kind, "run_dir": run_dir,
+                            "max_requeues": args.max_requeues, "submitted_at": _now()}
+    write_submission_record(run_dir, jobs[0], argv, info, {})
+    results = []
+    for job in jobs:
+        results.append({"stage": job.stage or job.kind, **_run_local_job(args, job, run_dir)})
+    last = results[-1]
+    return {"status": last["status"], "run_dir": str(run_dir), "restarts": last["restarts"],
+            "result": last["result"], "stages": [r["stage"] for r in results]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, validate, submit (or run locally); prints one JSON line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     own, job_args = split_argv(argv)
-    parser = build_parser()
-    args = parser.parse_args(own)
+    args = build_parser().parse_args(own)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    record = ["launch/submit.py", *argv]
     try:
-        job = prepare_job(args.kind, job_args)
-        if args.local:
-            summary = run_local(args, job, ["launch/submit.py", *argv])
-        else:
-            summary = submit_slurm(args, job, ["launch/submit.py", *argv])
+        parts = default_parts(args) if args.kind == "curate" else 1
+        jobs = prepare_jobs(args.kind, job_args, parts=parts)
+        summary = run_local(args, jobs, record) if args.local else submit_slurm(args, jobs, record)
     except (UserError, NotAvailableError) as exc:
         if args.debug:
             raise
@@ -281,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"launch/submit.py: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
-    if args.local and summary.get("status") not in ("finished", None):
+    if args.local and summary.get("status") != "finished":
         return 1
     return 0
 

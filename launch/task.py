@@ -132,7 +132,10 @@ class Task:
         rank, world, local, job_id, index = _layout(executor)
         restarts = (int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) if executor == "slurm"
                     else self.restart_count)
-        run_dir = self.run_dir.replace("%j", job_id.split("_")[0]) if job_id else self.run_dir
+        run_dir = self.run_dir
+        if job_id:  # an array's elements share the run directory of the array (%A)
+            master = job_id.split("_")[0]
+            run_dir = run_dir.replace("%j", master).replace("%A", master)
         return TaskContext(rank=rank, world_size=world, local_rank=local, job_id=job_id,
                            restart_count=restarts, run_dir=Path(run_dir), executor=executor,
                            array_index=index)

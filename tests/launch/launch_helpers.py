@@ -74,7 +74,7 @@ def counting_job(total_steps: int, step_s: float) -> PreparedJob:
 def submit(job: PreparedJob, launcher_args: list[str]) -> dict:
     """Submit ``job`` through the launcher with these launcher options."""
     args = build_parser().parse_args([job.kind, *launcher_args])
-    return submit_slurm(args, job, ["launch/submit.py", job.kind, *launcher_args])
+    return submit_slurm(args, [job], ["launch/submit.py", job.kind, *launcher_args])
 
 
 def read_steps(run_dir: Path) -> list[dict]:
