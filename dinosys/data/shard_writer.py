@@ -20,13 +20,15 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from PIL import Image
-from webdataset import TarWriter
 
 from dinosys.config import write_atomic
+
+if TYPE_CHECKING:
+    from webdataset import TarWriter
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +230,8 @@ class ShardWriter:
 
     def _start_shard(self) -> None:
         name = self.shard_name(self._index)
+        from webdataset import TarWriter  # imports torch: only when a shard is written
+
         self._tmp_path = self.out_dir / f".{name}.tmp-{os.getpid()}"
         # our own file object: webdataset's gopen would treat a "pipe:..." path as a command
         self._file = open(self._tmp_path, "wb")  # closed by _finish_shard or abort
