@@ -163,6 +163,11 @@ class ShardSource:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def __getstate__(self) -> dict:  # spawned DataLoader workers: open files do not pickle
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
     def _handle(self, shard: int):  # noqa: ANN202 - a binary file object
         if self._pid != os.getpid():  # forked worker: never share the parent's file offsets
             self._files, self._pid = {}, os.getpid()
