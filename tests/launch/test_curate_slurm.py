@@ -1,0 +1,73 @@
+"""Curation on the real local Slurm cluster: an embedding array, then the remaining stages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import slurm
+
+REPO = Path(__file__).resolve().parents[2]
+SUBMIT = REPO / "launch" / "submit.py"
+
+
+@pytest.fixture()
+def curation_config(tmp_path, builtin_data) -> Path:
+    """A tiny curation of the embedded photos + digits with a small random-weight backbone."""
+    from dinosys.export import save_native
+    from dinosys.models import create_backbone
+
+    model = create_backbone("vit_tiny", img_size=28, embed_dim=32, depth=1, num_heads=2)
+    save_native(model, tmp_path / "model")
+    path = tmp_path / "curate.yaml"
+    path.write_text(f"""name: launchcur
+out: {tmp_path / 'work'}
+sources:
+  - {{path: {builtin_data / 'photos'}, name: photos}}
+  - {{path: {builtin_data / 'digits' / 'val'}, name: digits}}
+embed: {{model: {tmp_path / 'model'}, img_size: 28, batch_size: 64, chunk_size: 64,
+        num_workers: 0}}
+dedup: {{k: 8, threshold: 0.999}}
+cluster: {{levels: [8, 2], n_iter: 5}}
+progress: false
+""")
+    return path
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_curation_array_then_merge_and_stages(tmp_path, curation_config) -> None:
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, str(SUBMIT), "curate", "--parts", "2", "--partition",
+                          "debug", "--timeout-min", "10", "--out", str(run), "--",
+                          str(curation_config)],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout.splitlines()[-1])
+    array_id, rest_id = info["job_ids"]
+    assert slurm.job_fields(rest_id).get("Dependency", "").startswith(f"afterok:{array_id}")
+    try:
+        fields = slurm.wait_for_job(rest_id, timeout_s=240)
+    finally:
+        subprocess.run(["scancel", array_id, rest_id], timeout=30)
+    logs = sorted((run / "submitit").glob("*_log.err"))
+    assert fields["JobState"] == "COMPLETED", [p.read_text()[-2000:] for p in logs]
+    for index in (0, 1):
+        element = slurm.job_fields(f"{array_id}_{index}")
+        assert element.get("JobState") == "COMPLETED", element
+        out = (run / "submitit" / f"{array_id}_{index}_0_log.out").read_text()
+        assert f'"part": "{index}/2"' in out  # dinosys-curate embed's summary line
+    work = tmp_path / "work"
+    chunks = sorted(p.name for p in (work / "embed").glob("chunks-*/chunk-*.json"))
+    assert len(chunks) == 6  # 370 images in chunks of 64, shared by the two parts
+    assert (work / "embed" / "embeddings.npy").is_file()
+    assert list((work / "shards").glob("*.tar")) and (work / "shards" / "sizes.json").is_file()
+    assert (work / "shards" / "curation_report.html").is_file()
+    sub = json.loads((run / "submission" / "job.json").read_text())
+    assert [j["stage"] for j in sub["jobs"]] == ["embed", "run"]
+    assert "#SBATCH --array=0-1%2" in (run / "submission" / "sbatch-embed.sh").read_text()
+    assert "afterok:" in (run / "submission" / "sbatch-run.sh").read_text()
