@@ -60,10 +60,11 @@ class _PreemptWatch:
         self._forwarded = False
         self._stop = threading.Event()
         self._on_signal: Callable[[], None] | None = None
+        self._handler = self._handle  # one bound-method object, so `is` can recognise it
 
     def install(self, on_signal: Callable[[], None] | None = None) -> _PreemptWatch:
         self._on_signal = on_signal
-        signal.signal(PREEMPT_SIGNAL, self._handle)
+        signal.signal(PREEMPT_SIGNAL, self._handler)
         threading.Thread(target=self._watch, name="dinosys-preempt-watch", daemon=True).start()
         return self
 
@@ -76,11 +77,11 @@ class _PreemptWatch:
             if not self.requested.is_set():
                 continue
             current = signal.getsignal(PREEMPT_SIGNAL)
-            if current is not self._handle and callable(current) and not self._forwarded:
+            if current is not self._handler and callable(current) and not self._forwarded:
                 # the work now listens for the signal itself: hand the early one over
                 self._forwarded = True
                 os.kill(os.getpid(), PREEMPT_SIGNAL)
-            elif current is self._handle and self._on_signal is not None:
+            elif current is self._handler and self._on_signal is not None:
                 self._on_signal()
                 self._on_signal = None
 

@@ -1,0 +1,53 @@
+"""launch.task's preemption plumbing in-process: early signals reach the work's own handler."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from launch.task import PREEMPT_SIGNAL, _PreemptWatch
+
+
+def _wait(event: threading.Event, timeout_s: float = 5.0) -> bool:
+    return event.wait(timeout_s)
+
+
+def test_signal_before_the_work_listens_is_forwarded_once() -> None:
+    previous = signal.getsignal(PREEMPT_SIGNAL)
+    watch = _PreemptWatch().install()
+    try:
+        os.kill(os.getpid(), PREEMPT_SIGNAL)  # arrives while only the launcher listens
+        time.sleep(0.6)  # several polls of the watch thread: nothing to forward to yet
+        assert watch.requested.is_set()
+        got = threading.Event()
+        calls = []
+
+        def work_handler(signum, frame):  # noqa: ANN001
+            calls.append(signum)
+            got.set()
+
+        signal.signal(PREEMPT_SIGNAL, work_handler)  # the trainer installs its own handler
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.05)  # handlers run in the main thread between bytecodes
+        assert calls == [PREEMPT_SIGNAL]
+        time.sleep(0.5)
+        assert calls == [PREEMPT_SIGNAL]  # forwarded once, not on every poll
+    finally:
+        watch.close()
+        signal.signal(PREEMPT_SIGNAL, previous)
+
+
+def test_resumable_work_without_handler_triggers_the_requeue_callback() -> None:
+    previous = signal.getsignal(PREEMPT_SIGNAL)
+    requeued = threading.Event()
+    watch = _PreemptWatch().install(on_signal=requeued.set)
+    try:
+        assert not _wait(requeued, 0.3)
+        os.kill(os.getpid(), PREEMPT_SIGNAL)
+        assert _wait(requeued)
+    finally:
+        watch.close()
+        signal.signal(PREEMPT_SIGNAL, previous)
