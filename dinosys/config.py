@@ -36,7 +36,8 @@ def check_choice(value: Any, choices: Iterable[Any], key: str) -> None:
         raise ConfigError(f"config key '{key}': {value!r} is not one of {choices}")
 
 
-def check_range(value: float, key: str, low: float | None = None, high: float | None = None) -> None:
+def check_range(value: float, key: str, low: float | None = None,
+                high: float | None = None) -> None:
     """Raise ConfigError unless ``low <= value <= high`` (either bound may be None)."""
     if (low is not None and value < low) or (high is not None and value > high):
         raise ConfigError(f"config key '{key}': {value!r} is outside [{low}, {high}]")
@@ -49,7 +50,8 @@ def check_range(value: float, key: str, low: float | None = None, high: float | 
 class BackboneConfig:
     """Vision transformer backbone (see dinosys.models.create_backbone)."""
 
-    arch: str = "vits14"  # vit_tiny, vits14, vitb14, vitl14, vitg14; a "_reg" suffix adds 4 registers
+    # vit_tiny, vits14, vitb14, vitl14, vitg14; a "_reg" suffix adds 4 registers
+    arch: str = "vits14"
     img_size: int = 224  # image size the learned position embedding is laid out for
     patch_size: int | None = None  # None: the arch's (14; 4 for vit_tiny)
     in_chans: int = 3
@@ -280,6 +282,9 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None  # None: optim.epochs * optim.iters_per_epoch
     max_consecutive_nonfinite: int = 5
+    # testing aid: the first try of each listed step gets a NaN loss (list a step k times to
+    # poison k tries in a row); exercises the skip-and-count path end to end
+    debug_nonfinite_steps: list[int] = field(default_factory=list)
     model: BackboneConfig = field(default_factory=BackboneConfig)
     heads: HeadConfig = field(default_factory=HeadConfig)
     loss: SSLLossConfig = field(default_factory=SSLLossConfig)
@@ -330,7 +335,8 @@ def find_config(name_or_path: str | os.PathLike, kind: str | None = None,
     known = sorted(p.stem for p in root.rglob("*.yaml")) if root.is_dir() else []
     close = difflib.get_close_matches(stem, known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known names: {', '.join(known)}"
-    raise ConfigError(f"config file not found: '{text}' (not a file, not a name under {root}){hint}")
+    raise ConfigError(
+        f"config file not found: '{text}' (not a file, not a name under {root}){hint}")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -350,11 +356,13 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
     return data
 
 
-def _load_chain(path: Path, kind: str | None, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+def _load_chain(path: Path, kind: str | None,
+                seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
     """The file and its ``_base_`` ancestors, base first."""
     path = path.resolve()
     if path in seen:
@@ -415,7 +423,8 @@ def _explain(exc: oc_errors.OmegaConfBaseException, base: DictConfig, source: st
         return ConfigError(f"config has a wrong type or value (from {source}): {msg}")
     if isinstance(exc, oc_errors.ValidationError):
         msg = str(exc).splitlines()[0]
-        return ConfigError(f"config key '{full_key}' has a wrong type or value (from {source}): {msg}")
+        return ConfigError(
+            f"config key '{full_key}' has a wrong type or value (from {source}): {msg}")
     if isinstance(exc, oc_errors.MissingMandatoryValue):
         return ConfigError(f"config key '{full_key}' is required but has no value")
     msg = str(exc).splitlines()[0]
@@ -425,11 +434,13 @@ def _explain(exc: oc_errors.OmegaConfBaseException, base: DictConfig, source: st
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override '{item}' must look like key=value (e.g. optim.base_lr=1e-3)")
+            raise ConfigError(
+                f"override '{item}' must look like key=value (e.g. optim.base_lr=1e-3)")
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except Exception as exc:  # omegaconf raises several grammar error types
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {str(exc).splitlines()[0]}") from exc
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {first}") from exc
 
 
 def load_config(schema: type[T], config: str | os.PathLike | None = None,

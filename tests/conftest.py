@@ -53,7 +53,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "slurm" in item.keywords and not has_slurm and not require_slurm:
-            item.add_marker(pytest.mark.skip(reason="no local Slurm (run tools/slurm_local.sh start)"))
+            reason = "no local Slurm (run tools/slurm_local.sh start)"
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
