@@ -219,9 +219,13 @@ class SSLLoader:
                            self.weights, self.epoch, self.consumed)
         workers = self.cfg.data.num_workers
         if workers > 0:
+            # a private generator: without it the worker base seed is drawn from the global
+            # torch RNG, which shifts the model's RNG stream (drop path) after a resume
+            seed = np.random.SeedSequence([self.cfg.seed, self.rank, self.epoch, self.consumed])
+            generator = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
             it = iter(DataLoader(stream, batch_size=None, num_workers=workers,
                                  pin_memory=torch.cuda.is_available(), prefetch_factor=2,
-                                 persistent_workers=False))
+                                 persistent_workers=False, generator=generator))
         else:
             it = iter(stream)
         for batch, events, (epoch, consumed) in it:
