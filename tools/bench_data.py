@@ -26,7 +26,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from dinosys.config import CropConfig, MaskConfig
 from dinosys.data.augment import MultiCropAugmentation, random_resized_crop_box
-from dinosys.data.collate import collate_ssl
+from dinosys.data.collate import CropBuffers, assemble_ssl_batch, collate_ssl
 from dinosys.data.masking import MaskGenerator
 
 SIZES = ((500, 375), (1024, 768))
@@ -120,18 +120,6 @@ class PlainPillowMultiCrop:
 # --------------------------------------------------------------------------- measurement
 
 
-def run(pipeline, jpegs: list[bytes], n_images: int, batch: int, mask_gen: MaskGenerator) -> float:
-    """Images per CPU-second for decode + multi-crop + masks + collate."""
-    samples: list[dict] = []
-    start = time.process_time()
-    for i in range(n_images):
-        samples.append(pipeline(jpegs[i % len(jpegs)], np.random.default_rng(i)))
-        if len(samples) == batch or i == n_images - 1:
-            collate_ssl(samples, mask_gen, np.random.default_rng(i))
-            samples = []
-    return n_images / (time.process_time() - start)
-
-
 class StageClock:
     """The ``lap`` hook of MultiCropAugmentation: CPU time per stage, summed over calls."""
 
@@ -148,21 +136,39 @@ class StageClock:
         self.last = now
 
 
-def stage_breakdown(aug: MultiCropAugmentation, jpegs: list[bytes], n_images: int, batch: int,
-                    mask_gen: MaskGenerator) -> dict[str, float]:
-    """CPU seconds per stage of the real pipeline (its ``lap`` hook), masks and collate."""
-    clock = StageClock()
-    samples = []
+def run_plain(plain: PlainPillowMultiCrop, jpegs: list[bytes], n_images: int, batch: int,
+              mask_gen: MaskGenerator) -> float:
+    """Images per CPU-second for the reference: multi-crop, then masks + stacking collate."""
+    samples: list[dict] = []
+    start = time.process_time()
     for i in range(n_images):
-        clock.reset()
-        samples.append(aug.from_bytes(jpegs[i % len(jpegs)], np.random.default_rng(i), 10**9,
-                                      lap=clock))
+        samples.append(plain.from_bytes(jpegs[i % len(jpegs)], np.random.default_rng(i)))
         if len(samples) == batch or i == n_images - 1:
-            clock.reset()
             collate_ssl(samples, mask_gen, np.random.default_rng(i))
-            clock("masks + collate")
             samples = []
-    return dict(clock.totals)
+    return n_images / (time.process_time() - start)
+
+
+def run_dinosys(aug: MultiCropAugmentation, jpegs: list[bytes], n_images: int, batch: int,
+                mask_gen: MaskGenerator, lap: StageClock | None = None) -> float:
+    """Images per CPU-second for what SSLStream.make_batch does: crops rendered straight into
+    the batch tensors (CropBuffers), then masks."""
+    start = time.process_time()
+    for first in range(0, n_images, batch):
+        n = min(batch, n_images - first)
+        buffers = CropBuffers(n, aug.cfg)
+        for i in range(n):
+            if lap:
+                lap.reset()
+            aug.from_bytes(jpegs[(first + i) % len(jpegs)], np.random.default_rng(first + i),
+                           10**9, lap=lap, out=buffers.views(i))
+        if lap:
+            lap.reset()
+        assemble_ssl_batch(buffers.global_crops, buffers.local_crops, [-1] * n, mask_gen,
+                           np.random.default_rng(first))
+        if lap:
+            lap("masks + batch dict")
+    return n_images / (time.process_time() - start)
 
 
 def main() -> None:
@@ -185,13 +191,14 @@ def main() -> None:
         jpegs = make_jpegs(size, photos)
         ours, base = 0.0, 0.0
         for _ in range(args.repeats):  # alternate, so load changes hit both alike
-            ours = max(ours, run(lambda d, r: aug.from_bytes(d, r, 10**9), jpegs, args.images,
-                                 args.batch, mask_gen))
-            base = max(base, run(plain.from_bytes, jpegs, args.images, args.batch, mask_gen))
+            ours = max(ours, run_dinosys(aug, jpegs, args.images, args.batch, mask_gen))
+            base = max(base, run_plain(plain, jpegs, args.images, args.batch, mask_gen))
         rows.append((f"{size[0]}x{size[1]}", ours, base))
         ours_all.append(ours)
         base_all.append(base)
-        stages = stage_breakdown(aug, jpegs, args.images, args.batch, mask_gen)
+        clock = StageClock()
+        run_dinosys(aug, jpegs, args.images, args.batch, mask_gen, lap=clock)
+        stages = clock.totals
         total = sum(stages.values())
         print(f"\nwhere dinosys's time goes, {size[0]}x{size[1]} "
               f"({1e3 * total / args.images:.2f} ms/image):")

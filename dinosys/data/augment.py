@@ -144,9 +144,10 @@ class MultiCropAugmentation:
 
     # ----------------------------------------------------------------- pixels
     def render_crop(self, src: torch.Tensor, p: CropParams, sx: float, sy: float,
-                    lap: Lap | None = None) -> np.ndarray:
+                    lap: Lap | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Cut, resize, colour and normalise one crop of ``src`` (uint8 (1, 3, H, W) channels-last
-        view); ``sx, sy`` scale the box to a reduced decode. Returns float32 (3, size, size).
+        view); ``sx, sy`` scale the box to a reduced decode. Returns float32 (3, size, size),
+        written into ``out`` when given (a slot of a batch buffer: no collate copy).
         ``lap(stage)`` (benchmarks) is called at the end of each stage."""
         h, w = src.shape[-2:]
         left, top = min(int(round(p.box[0] * sx)), w - 1), min(int(round(p.box[1] * sy)), h - 1)
@@ -171,7 +172,8 @@ class MultiCropAugmentation:
                 lap("blur")
         if p.solarize:
             x = color.solarize(x)
-        out = np.empty((3, p.size, p.size), dtype=np.float32)
+        if out is None:
+            out = np.empty((3, p.size, p.size), dtype=np.float32)
         for c in range(3):  # (x - mean) / std, one plane at a time; a grey plane broadcasts
             plane = x if x.ndim == 2 else x[c]
             np.subtract(plane, self.mean[c], out=out[c])
@@ -189,17 +191,23 @@ class MultiCropAugmentation:
         return self._render(img, params, 1.0, 1.0)
 
     def _render(self, arr: np.ndarray, params: list[CropParams], sx: float, sy: float,
-                lap: Lap | None = None) -> dict[str, list[np.ndarray]]:
+                lap: Lap | None = None, out: dict[str, list[np.ndarray]] | None = None
+                ) -> dict[str, list[np.ndarray]]:
         if not arr.flags.writeable:
             arr = arr.copy()
         src = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)  # channels-last view
-        crops = [self.render_crop(src, p, sx, sy, lap) for p in params]
+        slots = [None] * len(params) if out is None else out["global_crops"] + out["local_crops"]
+        crops = [self.render_crop(src, p, sx, sy, lap, slot) for p, slot in zip(params, slots)]
         n_global = len(params) - self.cfg.n_local
         return {"global_crops": crops[:n_global], "local_crops": crops[n_global:]}
 
     def from_bytes(self, data: bytes, rng: np.random.Generator, max_pixels: int,
-                   decoder: str = "auto", lap: Lap | None = None) -> dict[str, list[np.ndarray]]:
-        """Decode at the smallest sufficient scale, then multi-crop (raises BadImageError)."""
+                   decoder: str = "auto", lap: Lap | None = None,
+                   out: dict[str, list[np.ndarray]] | None = None) -> dict[str, list[np.ndarray]]:
+        """Decode at the smallest sufficient scale, then multi-crop (raises BadImageError).
+
+        ``out``: destination arrays {"global_crops": [...], "local_crops": [...]} to write the
+        crops into (see :class:`dinosys.data.collate.CropBuffers`)."""
         header = probe_image(data, max_pixels)
         params = self.sample_params(header.width, header.height, rng)
         need = self.min_source_size(params, header.width, header.height)
@@ -209,7 +217,7 @@ class MultiCropAugmentation:
         if lap:
             lap("decode (reduced scale)")
         sx, sy = arr.shape[1] / header.width, arr.shape[0] / header.height
-        return self._render(arr, params, sx, sy, lap)
+        return self._render(arr, params, sx, sy, lap, out)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> dict[str, list[torch.Tensor]]:
         """Multi-crop of a PIL image into normalised float tensors (C, H, W)."""

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinosys.config import CropConfig
 from dinosys.data.masking import MaskGenerator
 
 
@@ -19,6 +20,55 @@ def _stack_crop_major(samples: Sequence[dict], key: str) -> torch.Tensor:
     if isinstance(ordered[0], torch.Tensor):
         return torch.stack(ordered)
     return torch.from_numpy(np.stack(ordered))
+
+
+class CropBuffers:
+    """Batch tensors that crops are rendered into directly, in crop-major order.
+
+    ``views(i)`` gives sample ``i``'s destination arrays for ``MultiCropAugmentation.from_bytes(
+    ..., out=...)``; with ``shared=True`` (DataLoader workers) the storage is allocated in shared
+    memory so handing the batch to the main process copies nothing either.
+    """
+
+    def __init__(self, batch_size: int, cfg: CropConfig, shared: bool = False) -> None:
+        self.batch_size = batch_size
+        gs, ls = cfg.global_size, cfg.local_size
+        self.global_crops = torch.empty((cfg.n_global * batch_size, 3, gs, gs))
+        self.local_crops = torch.empty((cfg.n_local * batch_size, 3, ls, ls))
+        if shared:
+            self.global_crops.share_memory_()
+            self.local_crops.share_memory_()
+        self.n_global, self.n_local = cfg.n_global, cfg.n_local
+
+    def views(self, i: int) -> dict[str, list[np.ndarray]]:
+        """Writable numpy views of sample ``i``'s crop slots."""
+        b, g, loc = self.batch_size, self.global_crops, self.local_crops
+        return {"global_crops": [g[c * b + i].numpy() for c in range(self.n_global)],
+                "local_crops": [loc[c * b + i].numpy() for c in range(self.n_local)]}
+
+
+def assemble_ssl_batch(global_crops: torch.Tensor, local_crops: torch.Tensor,
+                       labels: Sequence[int], mask_gen: MaskGenerator | None,
+                       rng: np.random.Generator) -> dict[str, Any]:
+    """The batch dict from crop-major stacked crops (see :func:`collate_ssl`) plus iBOT masks."""
+    n_global = global_crops.shape[0]
+    if mask_gen is not None:
+        masks = torch.from_numpy(mask_gen.batch(n_global, rng))
+    else:
+        masks = torch.zeros((n_global, 0), dtype=torch.bool)  # no patch grid known: no tokens
+    mask_indices = masks.flatten().nonzero().flatten()
+    per_image = masks.sum(-1).clamp(min=1).to(torch.float32)
+    mask_weights = (1.0 / per_image).unsqueeze(-1).expand_as(masks)[masks]
+    return {
+        "global_crops": global_crops,
+        "local_crops": local_crops if local_crops.numel() else torch.empty(0),
+        "masks": masks,
+        "mask_indices": mask_indices,
+        "mask_weights": mask_weights,
+        "n_masked": int(mask_indices.numel()),
+        "batch_size": len(labels),
+        "labels": torch.tensor([int(v) for v in labels], dtype=torch.long),
+    }
 
 
 def collate_ssl(samples: Sequence[dict[str, Any]], mask_gen: MaskGenerator | None,
@@ -34,25 +84,7 @@ def collate_ssl(samples: Sequence[dict[str, Any]], mask_gen: MaskGenerator | Non
     """
     if not samples:
         raise ValueError("collate_ssl needs at least one sample")
-    batch_size = len(samples)
     global_crops = _stack_crop_major(samples, "global_crops")
     local_crops = _stack_crop_major(samples, "local_crops")
-    n_global = global_crops.shape[0]
-    if mask_gen is not None:
-        masks = torch.from_numpy(mask_gen.batch(n_global, rng))
-    else:
-        masks = torch.zeros((n_global, 0), dtype=torch.bool)  # no patch grid known: no tokens
-    mask_indices = masks.flatten().nonzero().flatten()
-    per_image = masks.sum(-1).clamp(min=1).to(torch.float32)
-    mask_weights = (1.0 / per_image).unsqueeze(-1).expand_as(masks)[masks]
-    labels = torch.tensor([int(s.get("label", -1)) for s in samples], dtype=torch.long)
-    return {
-        "global_crops": global_crops,
-        "local_crops": local_crops,
-        "masks": masks,
-        "mask_indices": mask_indices,
-        "mask_weights": mask_weights,
-        "n_masked": int(mask_indices.numel()),
-        "batch_size": batch_size,
-        "labels": labels,
-    }
+    labels = [int(s.get("label", -1)) for s in samples]
+    return assemble_ssl_batch(global_crops, local_crops, labels, mask_gen, rng)

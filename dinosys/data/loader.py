@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dinosys.config import TrainConfig
 from dinosys.data.augment import MultiCropAugmentation
-from dinosys.data.collate import collate_ssl
+from dinosys.data.collate import CropBuffers, assemble_ssl_batch
 from dinosys.data.decode import BadImageError
 from dinosys.data.masking import MaskGenerator
 from dinosys.data.order import EpochOrder
@@ -86,7 +86,9 @@ class SSLStream(IterableDataset):
                 consumed += g
             epoch, consumed = epoch + 1, 0
 
-    def _load(self, order: EpochOrder, epoch: int, position: int, events: list) -> dict:
+    def _load(self, order: EpochOrder, epoch: int, position: int, events: list,
+              out: dict[str, list[np.ndarray]]) -> int:
+        """Render the sample at ``position`` (or its replacement) into ``out``; return its label."""
         seed = self.cfg.seed
         slot = position
         for attempt in range(MAX_REPLACEMENTS + 1):
@@ -95,12 +97,10 @@ class SSLStream(IterableDataset):
             try:
                 raw = self.sources[src].read(item)
                 where = raw.where
-                crops = self.augment.from_bytes(raw.data,
-                                                np.random.default_rng([seed, epoch, position]),
-                                                self.cfg.data.max_image_pixels,
-                                                self.cfg.data.decoder)
-                crops["label"] = raw.label
-                return crops
+                self.augment.from_bytes(raw.data, np.random.default_rng([seed, epoch, position]),
+                                        self.cfg.data.max_image_pixels, self.cfg.data.decoder,
+                                        out=out)
+                return raw.label
             except BadImageError as exc:
                 events.append((exc.reason, where, exc.detail))
             except Exception as exc:  # a decoder bug on odd data must not stop training
@@ -115,10 +115,12 @@ class SSLStream(IterableDataset):
         order = self.order(epoch)
         begin = first + self.rank * self.batch_size
         events: list = []
-        samples = [self._load(order, epoch, p, events)
-                   for p in range(begin, begin + self.batch_size)]
+        buffers = CropBuffers(self.batch_size, self.cfg.crops, shared=get_worker_info() is not None)
+        labels = [self._load(order, epoch, p, events, buffers.views(i))
+                  for i, p in enumerate(range(begin, begin + self.batch_size))]
         mask_rng = np.random.default_rng([self.cfg.seed, epoch, _STREAM_MASK, begin])
-        batch = collate_ssl(samples, self.mask_gen, mask_rng)
+        batch = assemble_ssl_batch(buffers.global_crops, buffers.local_crops, labels,
+                                   self.mask_gen, mask_rng)
         return batch, events
 
     def __iter__(self) -> Iterator[tuple[dict, list, tuple[int, int]]]:
