@@ -177,7 +177,7 @@ class DataConfig:
     sources: list[DataSourceConfig] = field(default_factory=list)
     batch_size_per_gpu: int = 64
     num_workers: int = 8
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # samples per shuffle window (shards shuffled, then samples within)
     decoder: str = "auto"  # auto, simplejpeg, pil
     max_image_pixels: int = 89_478_485  # Pillow's decompression-bomb limit
     gpu_augment: bool = False
