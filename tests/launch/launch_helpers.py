@@ -24,8 +24,10 @@ from launch.submit import build_parser, submit_slurm
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def counting_work(total_steps: int, step_s: float, ctx) -> dict:  # noqa: ANN001
-    """Count to ``total_steps``, one line per step in metrics.jsonl; resumable, preemptible."""
+def counting_work(total_steps: int, step_s: float, ctx,  # noqa: ANN001
+                  self_signal_at: int | None = None) -> dict:
+    """Count to ``total_steps``, one line per step in metrics.jsonl; resumable, preemptible.
+    ``self_signal_at``: in its first run, rank 0 sends itself USR2 at that step."""
     import torch
     import torch.distributed as dist
 
@@ -41,6 +43,8 @@ def counting_work(total_steps: int, step_s: float, ctx) -> dict:  # noqa: ANN001
     try:
         for step in range(start + 1, total_steps + 1):
             time.sleep(step_s)
+            if step == self_signal_at and ctx.rank == 0 and ctx.restart_count == 0:
+                os.kill(os.getpid(), signal.SIGUSR2)
             agreed = torch.tensor([1.0 if flag["set"] else 0.0])
             if distributed:
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
@@ -64,10 +68,12 @@ def counting_work(total_steps: int, step_s: float, ctx) -> dict:  # noqa: ANN001
     return {"status": status, "step": step}
 
 
-def counting_job(total_steps: int, step_s: float) -> PreparedJob:
+def counting_job(total_steps: int, step_s: float, self_signal_at: int | None = None
+                 ) -> PreparedJob:
     """A distributed, preemption-handling job around :func:`counting_work`."""
     return PreparedJob(kind="train", name="count", resolved_config="name: count\n",
-                       work=functools.partial(counting_work, total_steps, step_s),
+                       work=functools.partial(counting_work, total_steps, step_s,
+                                              self_signal_at=self_signal_at),
                        distributed=True, handles_preemption=True)
 
 

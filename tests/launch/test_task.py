@@ -7,6 +7,9 @@ import signal
 import threading
 import time
 
+from launch_helpers import counting_job, read_steps
+
+from launch.submit import build_parser, run_local
 from launch.task import PREEMPT_SIGNAL, _PreemptWatch
 
 
@@ -51,3 +54,18 @@ def test_resumable_work_without_handler_triggers_the_requeue_callback() -> None:
     finally:
         watch.close()
         signal.signal(PREEMPT_SIGNAL, previous)
+
+
+def test_local_run_restarts_after_preemption_without_lost_or_repeated_steps(tmp_path) -> None:
+    """--local: a preempted 2-task job starts again from its checkpoint, like a requeue."""
+    run = tmp_path / "run"
+    args = build_parser().parse_args(["train", "--local", "--tasks-per-node", "2",
+                                      "--max-requeues", "1", "--out", str(run)])
+    summary = run_local(args, [counting_job(total_steps=8, step_s=0.05, self_signal_at=3)],
+                        ["launch/submit.py", "train", "--local"])
+    assert summary["status"] == "finished" and summary["restarts"] == 1
+    steps = read_steps(run)
+    assert [s["step"] for s in steps] == list(range(1, 9))
+    assert [s["restart"] for s in steps] == [0, 0, 0] + [1] * 5
+    assert all(s["world_size"] == 2 for s in steps)
+    assert (run / "submission" / "command.txt").is_file()

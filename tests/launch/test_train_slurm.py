@@ -85,6 +85,7 @@ def test_two_task_training_requeues_on_usr2_and_finishes_every_step_once(
     # the first run stopped at the preemption checkpoint, the second resumed from it
     err0 = (run / "submitit" / f"{job_id}_0_log.err").read_text()
     assert "requeued Slurm job" in err0 and "restart 1" in err0
+    assert "2 ranks on cpu" in err0  # both Slurm tasks in one process group
 
 
 @pytest.mark.slow
