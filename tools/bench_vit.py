@@ -35,7 +35,7 @@ from dinosys.models import (  # noqa: E402
     compile_blocks,
     create_backbone,
 )
-from dinosys.models.attention import xformers_available  # noqa: E402
+from dinosys.models.attention import xformers_unusable_reason  # noqa: E402
 
 KNOWN_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 LOCAL_SIZE = 98
@@ -96,9 +96,11 @@ def sync(device: torch.device) -> None:
 def bench_one(arch: str, backend: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Time ``args.steps`` forward+backward steps of one arch/backend; returns a result row."""
     row: dict = {"arch": arch, "backend": backend}
-    if backend == "xformers" and not (device.type == "cuda" and xformers_available()):
-        row["status"] = "skipped: xformers needs CUDA and the xformers package"
-        return row
+    if backend == "xformers":
+        reason = xformers_unusable_reason(device)
+        if reason is not None:
+            row["status"] = f"skipped: {reason}"
+            return row
     model = create_backbone(arch, attn_backend=backend, drop_path_rate=args.drop_path)
     model = model.to(device).train()
     if args.activation_checkpointing:
@@ -186,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends:
             try:
                 row = bench_one(arch, backend, args, device)
-            except UserError as exc:
-                row = {"arch": arch, "backend": backend, "status": f"error: {exc}"}
+            except (UserError, RuntimeError, NotImplementedError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                row = {"arch": arch, "backend": backend, "status": f"error: {first}"}
             rows.append(row)
             print(f"# {arch} {backend}: {row.get('status')} "
                   f"{row.get('img_per_s', 0):.1f} img/s", file=sys.stderr, flush=True)

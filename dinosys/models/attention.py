@@ -45,6 +45,27 @@ def xformers_available() -> bool:
     return _xformers_ops() is not None
 
 
+@functools.cache
+def xformers_unusable_reason(device: torch.device) -> str | None:
+    """None if xformers attention runs on ``device``, else why not (checked once per device).
+
+    Importing is not enough: a wheel built for another torch/CUDA imports but has no kernels.
+    """
+    if device.type != "cuda":
+        return "xformers attention needs a CUDA device"
+    xops = _xformers_ops()
+    if xops is None:
+        return "xformers is not installed (pip install 'dinosys[gpu]')"
+    try:
+        q = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.bfloat16)
+        xops.memory_efficient_attention(q, q, q, attn_bias=_block_diagonal_mask((4, 4)))
+    except Exception as exc:  # NotImplementedError (no kernel), RuntimeError (ABI mismatch)
+        reason = f"xformers is installed but cannot run here: {str(exc).splitlines()[0]}"
+        log.warning("%s; using torch SDPA instead", reason)
+        return reason
+    return None
+
+
 def resolve_backend(backend: str, x: Tensor) -> str:
     """The concrete backend ("sdpa", "xformers" or "math") for input ``x``.
 
@@ -52,16 +73,15 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     UserError; ``auto`` falls back to sdpa silently.
     """
     if backend == "auto":
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and xformers_available():
+        if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and xformers_available()
+                and xformers_unusable_reason(x.device) is None):
             return "xformers"
         return "sdpa"
     if backend == "xformers":
-        if not xformers_available():
-            raise UserError("attention backend 'xformers' requested but xformers is not "
-                            "installed (pip install dinosys[gpu]); use model.attn_backend=sdpa")
-        if not x.is_cuda:
-            raise UserError("attention backend 'xformers' needs a CUDA device; "
-                            "use model.attn_backend=sdpa (or auto) on CPU")
+        reason = xformers_unusable_reason(x.device)
+        if reason is not None:
+            raise UserError(f"attention backend 'xformers': {reason}; "
+                            "use model.attn_backend=sdpa (or auto)")
         return "xformers"
     if backend not in BACKENDS:
         raise UserError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")

@@ -9,7 +9,7 @@ import torch
 
 from dinosys.errors import UserError
 from dinosys.models import apply_activation_checkpointing, compile_blocks, create_backbone
-from dinosys.models.attention import xformers_available
+from dinosys.models.attention import xformers_available, xformers_unusable_reason
 from dinosys.models.block import Block
 
 
@@ -54,6 +54,9 @@ def test_auto_backend_is_sdpa_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not xformers_available(), reason="xformers not installed")
 def test_xformers_packed_matches_sdpa_and_math_on_gpu():
+    reason = xformers_unusable_reason(torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
     torch.manual_seed(0)
     model = create_backbone("vit_tiny_reg", attn_backend="math").cuda().eval()
     crops = _crops("cuda")
