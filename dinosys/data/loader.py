@@ -161,6 +161,10 @@ class SSLLoader:
         self._recent_bad: list[str] = []
         self._batches = 0
         self._probe = SSLStream(cfg, rank, world_size, patch_size, self.sources, self.weights, 0, 0)
+        if self.samples_per_epoch < world_size * self.batch_size:
+            raise UserError(f"an epoch has {self.samples_per_epoch} samples, fewer than one global "
+                            f"batch of {world_size * self.batch_size} (world size x "
+                            "data.batch_size_per_gpu): add data or lower the batch size")
         logger.info("SSL data: %s", ", ".join(f"{s.name} ({len(s)} samples, weight {w:g})"
                                                for s, w in zip(self.sources, self.weights)))
 
