@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,7 +82,10 @@ def run_cli_work(argv: list[str], config_yaml: str | None, ctx: TaskContext) -> 
     code = main(argv)
     if code != 0:
         raise RuntimeError(f"`dinosys {' '.join(argv)}` exited with code {code}")
-    return {"status": "finished", "command": ["dinosys", *argv]}
+    summary: dict = {"status": "finished", "command": ["dinosys", *argv]}
+    if "--out" in argv and argv[argv.index("--out") + 1].endswith(".json"):
+        summary["result"] = json.loads(Path(argv[argv.index("--out") + 1]).read_text())
+    return summary
 
 
 def run_curate_work(stage: str, config_yaml: str, parts: int, ctx: TaskContext) -> dict:

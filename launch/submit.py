@@ -210,7 +210,8 @@ def _run_local_job(args: argparse.Namespace, job: PreparedJob, run_dir: Path) ->
     restarts = 0
     while True:
         ljob = executor.submit(make_task(job, str(run_dir), args.max_requeues, restarts))
-        print(f"running {job.kind} {job.stage} locally: {ntasks} task(s), logs in "
+        print(f"running {' '.join(filter(None, (job.kind, job.stage)))} locally: {ntasks} "
+              f"task(s), logs in "
               f"{run_dir / 'submitit'}", file=sys.stderr)
         try:
             results = ljob.results()

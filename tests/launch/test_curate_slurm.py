@@ -16,20 +16,15 @@ SUBMIT = REPO / "launch" / "submit.py"
 
 
 @pytest.fixture()
-def curation_config(tmp_path, builtin_data) -> Path:
+def curation_config(tmp_path, builtin_data, tiny_model) -> Path:
     """A tiny curation of the embedded photos + digits with a small random-weight backbone."""
-    from dinosys.export import save_native
-    from dinosys.models import create_backbone
-
-    model = create_backbone("vit_tiny", img_size=28, embed_dim=32, depth=1, num_heads=2)
-    save_native(model, tmp_path / "model")
     path = tmp_path / "curate.yaml"
     path.write_text(f"""name: launchcur
 out: {tmp_path / 'work'}
 sources:
   - {{path: {builtin_data / 'photos'}, name: photos}}
   - {{path: {builtin_data / 'digits' / 'val'}, name: digits}}
-embed: {{model: {tmp_path / 'model'}, img_size: 28, batch_size: 64, chunk_size: 64,
+embed: {{model: {tiny_model}, img_size: 28, batch_size: 64, chunk_size: 64,
         num_workers: 0}}
 dedup: {{k: 8, threshold: 0.999}}
 cluster: {{levels: [8, 2], n_iter: 5}}
