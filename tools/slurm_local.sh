@@ -28,11 +28,14 @@ PACKAGES=(slurm-wlm slurmctld slurmd slurm-client munge)
 log() { echo "[slurm_local] $*" >&2; }
 die() { echo "[slurm_local] error: $*" >&2; exit 1; }
 
-pid_alive() {  # pid_alive FILE: the pid in FILE names a running process
-  local pid
+pid_alive() {  # pid_alive FILE: the pid in FILE is a running munged/slurmctld/slurmd
+  local pid comm
   [ -s "$1" ] || return 1
   pid=$(cat "$1" 2>/dev/null) || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  # a stale pid file may name an unrelated process that reused the pid
+  comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+  case "$comm" in munged|slurmctld|slurmd) return 0 ;; *) return 1 ;; esac
 }
 
 install_packages() {
@@ -144,7 +147,8 @@ cmd_start() {
     return 0
   fi
   [ "$(id -u)" -eq 0 ] || die "starting the daemons needs root (SlurmUser=root, munged as munge)"
-  [ -f "$CONF" ] || write_conf
+  # a fresh configuration unless a controller already runs with the current one
+  pid_alive "$DIR/slurmctld.pid" || write_conf
   start_munge
   if ! pid_alive "$DIR/slurmctld.pid"; then
     log "starting slurmctld on port $CTLD_PORT"
