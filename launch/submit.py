@@ -256,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     record = ["launch/submit.py", *argv]
     try:
+        if args.local and args.dry_run:
+            raise UserError("--dry-run prints the Slurm submission; it does not combine with "
+                            "--local")
         parts = default_parts(args) if args.kind == "curate" else 1
         jobs = prepare_jobs(args.kind, job_args, parts=parts)
         summary = run_local(args, jobs, record) if args.local else submit_slurm(args, jobs, record)

@@ -94,6 +94,7 @@ def test_split_arguments() -> None:
      "one task per GPU"),
     (["train", "--timeout-min", "0", "--", "mnist_tiny_cpu"], "--timeout-min"),
     (["train", "--local", "--nodes", "2", "--", "mnist_tiny_cpu"], "--nodes must be 1"),
+    (["train", "--local", "--dry-run", "--", "mnist_tiny_cpu"], "does not combine"),
     (["eval", "--", "knn", "--model", "/no/such/run", "--train", "/tmp", "--val", "/tmp"],
      "--model /no/such/run"),
     (["eval", "--", "knn", "--model", "/tmp"], "required"),
