@@ -1,0 +1,91 @@
+"""What a training checkpoint holds and how the loop saves and restores it.
+
+Everything that decides the next step is in the checkpoint: student, teacher (with heads),
+optimizer, the task's extra state (teacher centres), the step (schedules are functions of it),
+per-rank RNG states and the data loader position. So N steps + resume + N steps equals 2N steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dinosys.config import CheckpointConfig
+from dinosys.dist.checkpoint import CheckpointManager, OptimizerState
+from dinosys.dist.env import DistEnv
+from dinosys.train.task import TrainTask
+
+log = logging.getLogger(__name__)
+
+
+class _TaskExtraState:
+    """Stateful view of the task's non-parameter tensors (loaded back in place)."""
+
+    def __init__(self, task: TrainTask) -> None:
+        self.task = task
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.task.extra_state().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.task.load_extra_state(state)
+
+
+class TrainState:
+    """Binds the task, optimizer and loader to a :class:`CheckpointManager`."""
+
+    def __init__(self, task: TrainTask, optimizer: torch.optim.Optimizer, loader: Any,
+                 root: Path, cfg: CheckpointConfig, env: DistEnv, seed: int = 0) -> None:
+        self.task, self.optimizer, self.loader, self.env = task, optimizer, loader, env
+        self.manager = CheckpointManager(root, keep_last=cfg.keep_last, keep_every=cfg.keep_every)
+        self.seed = seed
+        self.last_saved_step: int | None = None
+
+    def _state(self) -> dict[str, Any]:
+        modules = self.task.checkpoint_modules()
+        trainable = nn.ModuleDict(dict(self.task.trainable_modules()))
+        state: dict[str, Any] = dict(modules)
+        state["optim"] = OptimizerState(trainable, self.optimizer)
+        if self.task.extra_state():
+            state["task"] = _TaskExtraState(self.task)
+        return state
+
+    def save(self, step: int) -> Path:
+        """Collective save of everything at ``step`` (number of completed steps)."""
+        rank_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
+        path = self.manager.save(step, self._state(), extra={"seed": self.seed},
+                                 rank_state={"loader": rank_state})
+        self.last_saved_step = step
+        return path
+
+    def restore(self) -> int:
+        """Load the latest checkpoint if there is one; return the step to continue from."""
+        path = self.manager.latest()
+        if path is None:
+            return 0
+        info = self.manager.load(path, self._state())
+        rank_state = info.get("rank_state")
+        loader_state = None
+        if rank_state is not None:
+            loader_state = rank_state.get("loader")
+        elif info.get("rank_states"):
+            loader_state = self._resplit_loader_state(info["rank_states"])
+        if loader_state is not None and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(loader_state)
+        step = int(info["step"])
+        self.last_saved_step = step
+        log.info("restored %s (step %d)", path, step)
+        return step
+
+    def _resplit_loader_state(self, states: list[dict | None]) -> dict | None:
+        """World size changed: hand the loader every saved rank's position if it can re-split."""
+        entries = [s.get("loader") for s in states if s]
+        if hasattr(self.loader, "resplit_state"):
+            return self.loader.resplit_state(entries)
+        log.warning("world size changed since the checkpoint: the data loader restarts its "
+                    "order from rank 0's saved position")
+        return entries[0] if entries else None

@@ -1,0 +1,264 @@
+"""The training loop shared by every task: optimizer, schedules, EMA, clipping, non-finite step
+skipping, logging, checkpoint/resume, preemption and periodic kNN.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dinosys.config import TrainConfig
+from dinosys.dist.env import DistEnv
+from dinosys.dist.fsdp import autocast_context, set_gradient_sync
+from dinosys.errors import UserError
+from dinosys.train.checkpointing import TrainState
+from dinosys.train.ema import ema_pairs, ema_update
+from dinosys.train.metrics import MetricsWriter, peak_memory_gib, peak_tflops
+from dinosys.train.optim import (
+    apply_schedule,
+    build_optimizer,
+    build_param_groups,
+    clip_grad_per_module,
+    zero_last_layer_grads,
+)
+from dinosys.train.preempt import PreemptionFlag
+from dinosys.train.schedules import TrainSchedules
+from dinosys.train.task import TrainTask
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(UserError):
+    """Too many consecutive steps with a NaN/inf loss."""
+
+
+@dataclass
+class LoopResult:
+    """How the loop ended."""
+
+    status: str  # finished or preempted
+    step: int
+    nonfinite_steps: int = 0
+    last: dict[str, Any] = field(default_factory=dict)
+    knn: dict[str, Any] | None = None
+
+
+def all_ranks_finite(value: torch.Tensor, device: torch.device) -> bool:
+    """True when ``value`` is finite on every rank (all ranks skip a step together)."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item() == 0)
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics across ranks (one all-reduce)."""
+    if not values or not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+class Trainer:
+    """Runs ``task`` on ``loader`` for ``cfg`` (see :func:`dinosys.train.run.run_train`)."""
+
+    def __init__(self, task: TrainTask, loader: Any, cfg: TrainConfig, env: DistEnv,
+                 run_dir: Path, total_steps: int, total_batch: int,
+                 knn_sets: tuple[Any, Any] | None = None) -> None:
+        self.task, self.loader, self.cfg, self.env = task, loader, cfg, env
+        self.run_dir = Path(run_dir)
+        self.total_steps = total_steps
+        self.total_batch = total_batch
+        self.schedules = TrainSchedules(cfg.optim, cfg.loss, total_steps, total_batch)
+        modules = task.trainable_modules()
+        self.groups = build_param_groups(modules, task.backbone_depth(), cfg.optim)
+        self.optimizer = build_optimizer(self.groups, cfg.optim)
+        self.ema = [ema_pairs(t, s) for t, s in task.ema_modules()]
+        self.state = TrainState(task, self.optimizer, loader, self.run_dir / "checkpoints",
+                                cfg.checkpoint, env, cfg.seed)
+        self.metrics = MetricsWriter(self.run_dir, env.is_main, cfg.log.tensorboard)
+        self.peak = peak_tflops(env.device, cfg.log.peak_tflops)
+        self.knn_sets = knn_sets
+        self.inject = Counter(cfg.debug_nonfinite_steps)
+
+    # ------------------------------------------------------------------ one step
+
+    def _micro_batches(self, it: Iterator) -> tuple[list[Any], float]:
+        t0 = time.perf_counter()
+        batches = [next(it) for _ in range(self.cfg.dist.grad_accum_steps)]
+        return batches, time.perf_counter() - t0
+
+    def _forward_backward(self, batches: list[Any], sched, step: int
+                          ) -> tuple[torch.Tensor, dict[str, float]]:
+        modules = list(self.task.trainable_modules().values())
+        n = len(batches)
+        total = torch.zeros((), device=self.env.device)
+        logs: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            set_gradient_sync(modules, i == n - 1)
+            with autocast_context(self.env, self.cfg.dist):
+                out = self.task.forward_loss(batch, sched)
+            loss = out["loss"]
+            if i == 0 and self.inject[step] > 0:
+                self.inject[step] -= 1
+                loss = loss * float("nan")
+            if not all_ranks_finite(loss.detach(), self.env.device):
+                return torch.tensor(float("nan")), logs
+            (loss / n).backward()
+            total += loss.detach() / n
+            for key, value in out.items():
+                v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+                logs[key] = logs.get(key, 0.0) + v / n
+        return total, logs
+
+    def train_step(self, batches: list[Any], step: int) -> tuple[bool, dict[str, float]]:
+        """One optimisation step (with accumulation). Returns (applied, logs); a non-finite loss
+        or gradient norm leaves weights, optimizer, EMA and task state as they were."""
+        sched = self.schedules.at(step)
+        apply_schedule(self.optimizer, sched.lr, sched.weight_decay, sched.last_layer_frozen)
+        saved_task_state = {k: v.clone() for k, v in self.task.extra_state().items()}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logs = self._forward_backward(batches, sched, step)
+        modules = self.task.trainable_modules()
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            if sched.last_layer_frozen:
+                zero_last_layer_grads(modules.values())
+            norms = clip_grad_per_module(modules, self.cfg.optim.clip_grad)
+            finite = all(math.isfinite(v) for v in norms.values())
+            logs.update({f"grad_norm/{k}": v for k, v in norms.items()})
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.task.load_extra_state(saved_task_state)
+            return False, logs
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for t_list, s_list in self.ema:
+            ema_update(t_list, s_list, sched.momentum)
+        logs.update(sched.as_dict())
+        return True, logs
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> LoopResult:
+        """Train from the latest checkpoint (if resuming) to ``total_steps`` or preemption."""
+        cfg = self.cfg
+        start = self.state.restore() if cfg.checkpoint.resume else 0
+        if start:
+            from dinosys.train.metrics import truncate_after
+
+            if self.env.is_main:
+                truncate_after(self.metrics.path, start)
+            log.info("resumed from step %d", start)
+        preempt = PreemptionFlag().install()
+        it = iter(self.loader)
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step",
+                   disable=not (self.env.is_main and cfg.log.progress), dynamic_ncols=True)
+        consecutive = skipped = 0
+        last: dict[str, Any] = {}
+        knn_result = None
+        step = start
+        window = {"t": 0.0, "wait": 0.0, "images": 0, "flops": 0.0}
+        try:
+            while step < self.total_steps:
+                if preempt.agreed(self.env.device):
+                    log.warning("preemption (%s): saving a checkpoint at step %d",
+                                preempt.signal_name or "another rank", step)
+                    self.state.save(step)
+                    return LoopResult("preempted", step, skipped, last, knn_result)
+                t0 = time.perf_counter()
+                batches, wait = self._micro_batches(it)
+                applied, logs = self.train_step(batches, step)
+                if self.env.device.type == "cuda":
+                    torch.cuda.synchronize(self.env.device)
+                dt = time.perf_counter() - t0
+                if not applied:
+                    skipped += 1
+                    consecutive += 1
+                    log.warning("step %d: non-finite loss or gradient, step skipped "
+                                "(%d in a row, %d in total)", step, consecutive, skipped)
+                    self.metrics.write({"step": step, "skipped_nonfinite": skipped,
+                                        "consecutive_nonfinite": consecutive})
+                    if consecutive >= cfg.max_consecutive_nonfinite:
+                        latest = self.state.manager.latest()
+                        raise NonFiniteLossError(
+                            f"training stopped at step {step}: {consecutive} consecutive steps "
+                            f"with a NaN/inf loss or gradient (max_consecutive_nonfinite="
+                            f"{cfg.max_consecutive_nonfinite}); last good checkpoint: "
+                            f"{latest or 'none'}; lower optim.base_lr or raise "
+                            f"optim.warmup_epochs, then rerun to resume")
+                    continue
+                consecutive = 0
+                step += 1
+                n_img = sum(int(b["batch_size"]) for b in batches)
+                window["t"] += dt
+                window["wait"] += wait
+                window["images"] += n_img
+                window["flops"] += sum(self.task.step_flops(b) for b in batches)
+                bar.update(1)
+                if step % cfg.log.every_n_steps == 0 or step == self.total_steps:
+                    last = self._log(step, logs, window, skipped)
+                    bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}")
+                    window = {"t": 0.0, "wait": 0.0, "images": 0, "flops": 0.0}
+                if (cfg.eval.knn_every_n_steps and self.knn_sets is not None
+                        and step % cfg.eval.knn_every_n_steps == 0):
+                    knn_result = self._periodic_knn(step)
+                every = cfg.checkpoint.every_n_steps
+                if every and step % every == 0 and step < self.total_steps:
+                    self.state.save(step)
+            if self.state.last_saved_step != step:
+                self.state.save(step)
+        finally:
+            bar.close()
+            preempt.close()
+            self.metrics.close()
+        return LoopResult("finished", step, skipped, last, knn_result)
+
+    def _log(self, step: int, logs: dict[str, float], window: dict[str, float],
+             skipped: int) -> dict[str, Any]:
+        logs = mean_over_ranks(logs, self.env.device)
+        world = self.env.world_size
+        t = max(window["t"], 1e-9)
+        flops = window["flops"] * world
+        record: dict[str, Any] = {"step": step, **logs}
+        record["images_per_s"] = window["images"] * world / t
+        record["data_wait_frac"] = window["wait"] / t
+        record["tflops_per_s"] = flops / t / 1e12
+        record["mfu"] = (flops / t / (self.peak * 1e12 * world)) if self.peak else None
+        record["peak_mem_gib"] = peak_memory_gib(self.env.device)
+        record["skipped_nonfinite"] = skipped
+        self.metrics.write(record)
+        log.debug("step %d %s", step, record)
+        return record
+
+    def _periodic_knn(self, step: int) -> dict[str, Any]:
+        from dinosys.eval.knn import knn_eval_module
+
+        train, val = self.knn_sets
+        result = knn_eval_module(self.task.export_backbone(), train, val,
+                                 self.cfg.eval.knn_k, self.cfg.eval.knn_temperature,
+                                 device=self.env.device)
+        record = {"step": step, **{f"knn_top1/{k}": v for k, v in result["top1"].items()}}
+        self.metrics.write(record)
+        log.info("step %d kNN top-1 %s", step, result["top1"])
+        return result
+
+
+def cycle(loader: Iterable) -> Iterator:
+    """Iterate forever (SSLLoader is already infinite; this also serves finite test loaders)."""
+    while True:
+        yield from loader

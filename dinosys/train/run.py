@@ -1,0 +1,154 @@
+"""`dinosys train`: set up the process, the task, the data and the loop; export at the end."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dinosys.config import TrainConfig, save_config
+from dinosys.dist.env import DistEnv, init_distributed, seed_everything
+from dinosys.dist.fsdp import prepare_for_training
+from dinosys.errors import UserError
+from dinosys.train.loop import LoopResult, Trainer
+from dinosys.train.ssl_task import SSLTask, check_finite_config
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SETS = ("mnist", "digits", "photos")
+_BUILTIN_PATH = re.compile(rf"^(?P<root>.*?)/?(?:shards/)?(?P<set>{'|'.join(BUILTIN_SETS)})"
+                           r"(?:/(?:train|val))?/?$")
+
+
+def total_steps_of(cfg: TrainConfig) -> int:
+    """``max_steps`` if set, else ``optim.epochs * optim.iters_per_epoch``."""
+    steps = cfg.max_steps
+    if steps is None:
+        steps = cfg.optim.epochs * cfg.optim.iters_per_epoch
+    if steps < 1:
+        raise UserError(f"training needs at least one step (max_steps={cfg.max_steps}, "
+                        f"optim.epochs={cfg.optim.epochs})")
+    return int(steps)
+
+
+def ensure_builtin_sources(cfg: TrainConfig, env: DistEnv) -> None:
+    """Build the embedded data when a source points into a missing builtin folder
+    (``<root>/mnist/train``, ``<root>/shards/mnist`` ...), on rank 0, others wait."""
+    if not cfg.data.sources:
+        raise UserError("no training data: set data.sources (e.g. data.sources=[{path: DIR}]) "
+                        "or use the mnist_tiny_cpu recipe")
+    roots: dict[str, list[str]] = {}
+    for src in cfg.data.sources:
+        path = Path(src.path)
+        if path.exists() or any(ch in src.path for ch in "{}*"):
+            continue
+        match = _BUILTIN_PATH.match(path.as_posix())
+        if match is None:
+            raise UserError(f"training data not found: {src.path}")
+        roots.setdefault(match.group("root") or ".", []).append(match.group("set"))
+    if roots and env.is_main:
+        from dinosys.data.builtin import build_builtin
+
+        for root, sets in roots.items():
+            log.info("building the embedded data %s under %s", sorted(set(sets)), root)
+            build_builtin(Path(root), sets=sorted(set(sets)))
+    env.barrier()
+
+
+def _setup_logging(env: DistEnv) -> None:
+    level = logging.INFO if env.is_main else logging.WARNING
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dinosys").setLevel(level)
+
+
+def _knn_sets(cfg: TrainConfig, size: int) -> tuple[Any, Any] | None:
+    ev = cfg.eval
+    if not ev.knn_every_n_steps:
+        return None
+    if not (ev.knn_train and ev.knn_val):
+        raise UserError("eval.knn_every_n_steps > 0 needs eval.knn_train and eval.knn_val "
+                        "(image folders DIR/<class>/<image>)")
+    from dinosys.eval.images import load_image_folder
+
+    return (load_image_folder(Path(ev.knn_train), size, cfg.crops.mean, cfg.crops.std),
+            load_image_folder(Path(ev.knn_val), size, cfg.crops.mean, cfg.crops.std))
+
+
+def export_teacher(task: SSLTask, cfg: TrainConfig, run_dir: Path, env: DistEnv,
+                   card: dict) -> Path | None:
+    """Gather the teacher backbone (collective) and write ``run_dir/export`` on rank 0."""
+    import dataclasses
+
+    from dinosys.dist.checkpoint import consolidated_state_dict
+    from dinosys.export import save_native
+    from dinosys.models import backbone_from_config
+
+    state = consolidated_state_dict(task.export_backbone())
+    path = None
+    if env.is_main:
+        backbone = backbone_from_config(dataclasses.replace(cfg.model, drop_path_rate=0.0))
+        backbone.load_state_dict(state)
+        path = save_native(backbone.eval(), run_dir / "export", card=card)
+    env.barrier()
+    return path
+
+
+def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Train ``cfg`` into ``run_dir`` (single process, torchrun or Slurm); return a summary:
+    ``{"status": "finished" | "preempted", "step": N, "run_dir": ..., ...}``."""
+    env = init_distributed()
+    try:
+        return _run(cfg, Path(run_dir), env)
+    finally:
+        env.shutdown()
+
+
+def _run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
+    from dinosys.data.loader import build_ssl_loader
+
+    t0 = time.perf_counter()
+    _setup_logging(env)
+    check_finite_config(cfg)
+    total_steps = total_steps_of(cfg)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir)
+    ensure_builtin_sources(cfg, env)
+    seed_everything(cfg.seed, env.rank)
+    task = SSLTask(cfg, env.device)
+    prepare_for_training(task.student, task.teacher, env, cfg.dist)
+    loader = build_ssl_loader(cfg, env.rank, env.world_size, task.patch_size)
+    total_batch = cfg.data.batch_size_per_gpu * env.world_size * cfg.dist.grad_accum_steps
+    knn_sets = _knn_sets(cfg, cfg.model.img_size)
+    trainer = Trainer(task, loader, cfg, env, run_dir, total_steps, total_batch, knn_sets)
+    log.info("training %s: %d steps, global batch %d, peak lr %.3g, %d ranks on %s",
+             cfg.name, total_steps, total_batch, trainer.schedules.peak_lr, env.world_size,
+             env.device)
+    result: LoopResult = trainer.run()
+    summary: dict[str, Any] = {
+        "status": result.status, "step": result.step, "total_steps": total_steps,
+        "run_dir": str(run_dir), "world_size": env.world_size,
+        "nonfinite_steps": result.nonfinite_steps,
+        "loss": result.last.get("loss"), "images_per_s": result.last.get("images_per_s"),
+        "checkpoint": str(trainer.state.manager.latest()),
+    }
+    if result.knn is not None:
+        summary["knn_top1"] = result.knn["top1"]
+    if result.status == "finished":
+        card = {"recipe": cfg.name, "steps": result.step, "global_batch": total_batch,
+                "data": [s.path for s in cfg.data.sources],
+                "objective": "DINOv2 (DINO + iBOT + KoLeo), EMA teacher backbone"}
+        if result.knn is not None:
+            card["knn_top1_during_training"] = result.knn["top1"]
+        export = export_teacher(task, cfg, run_dir, env, card)
+        summary["export"] = str(export) if export else str(run_dir / "export")
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    if torch.cuda.is_available():
+        summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return summary
