@@ -12,14 +12,24 @@ from dinosys.config import CropConfig
 from dinosys.data.masking import MaskGenerator
 
 
-def _stack_crop_major(samples: Sequence[dict], key: str) -> torch.Tensor:
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _stack_crop_major(samples: Sequence[dict], key: str, mean: Sequence[float],
+                      std: Sequence[float]) -> torch.Tensor:
     n_crops = len(samples[0][key])
     if n_crops == 0:
         return torch.empty(0)
     ordered = [s[key][c] for c in range(n_crops) for s in samples]
     if isinstance(ordered[0], torch.Tensor):
         return torch.stack(ordered)
-    return torch.from_numpy(np.stack(ordered))
+    stacked = torch.from_numpy(np.stack(ordered))
+    if stacked.dtype == torch.uint8:  # raw HxWx3 crops: to normalised (N, 3, H, W) float
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        return (stacked.permute(0, 3, 1, 2).float() - m) / sd
+    return stacked
 
 
 class CropBuffers:
@@ -72,11 +82,13 @@ def assemble_ssl_batch(global_crops: torch.Tensor, local_crops: torch.Tensor,
 
 
 def collate_ssl(samples: Sequence[dict[str, Any]], mask_gen: MaskGenerator | None,
-                rng: np.random.Generator) -> dict[str, Any]:
+                rng: np.random.Generator, mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD) -> dict[str, Any]:
     """Build the batch dict from B samples.
 
     Each sample: {"global_crops": [2 crops], "local_crops": [n_local crops], "label": int
-    (optional)}; crops are normalised float32 (3,H,W) arrays or tensors (MultiCropAugmentation).
+    (optional)}; crops are normalised float32 (3,H,W) arrays or tensors (MultiCropAugmentation),
+    or uint8 (H,W,3) arrays normalised here with ``mean``/``std``.
     Returns global_crops (2B,C,G,G) and local_crops (n_local*B,C,L,L) crop-major, masks (2B,N)
     bool, mask_indices (M,) long into the flattened (2B*N), mask_weights (M,) = 1/#masked in that
     image, n_masked M, batch_size B, labels (B,) long (-1 without classes).
@@ -84,7 +96,7 @@ def collate_ssl(samples: Sequence[dict[str, Any]], mask_gen: MaskGenerator | Non
     """
     if not samples:
         raise ValueError("collate_ssl needs at least one sample")
-    global_crops = _stack_crop_major(samples, "global_crops")
-    local_crops = _stack_crop_major(samples, "local_crops")
+    global_crops = _stack_crop_major(samples, "global_crops", mean, std)
+    local_crops = _stack_crop_major(samples, "local_crops", mean, std)
     labels = [int(s.get("label", -1)) for s in samples]
     return assemble_ssl_batch(global_crops, local_crops, labels, mask_gen, rng)

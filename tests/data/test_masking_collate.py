@@ -109,3 +109,15 @@ def test_collate_without_locals_or_labels() -> None:
     assert batch["local_crops"].numel() == 0
     assert torch.equal(batch["labels"], torch.tensor([-1, -1]))
     assert batch["global_crops"][2:].eq(1).all()
+
+
+def test_collate_normalises_uint8_crops() -> None:
+    crop = np.zeros((4, 4, 3), np.uint8)
+    crop[..., 0] = 255
+    samples = [{"global_crops": [crop, crop], "local_crops": [crop]}]
+    batch = collate_ssl(samples, None, np.random.default_rng(0), mean=(0.5, 0.5, 0.5),
+                        std=(0.5, 0.5, 0.5))
+    assert batch["global_crops"].shape == (2, 3, 4, 4)
+    assert torch.allclose(batch["global_crops"][:, 0], torch.ones(1))
+    assert torch.allclose(batch["global_crops"][:, 1], -torch.ones(1))
+    assert batch["masks"].shape == (2, 0) and batch["n_masked"] == 0
