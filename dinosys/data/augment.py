@@ -11,9 +11,9 @@ Speed: every crop parameter is drawn first, so the JPEG can be decoded at the sm
 that still covers every crop (after a reduced decode the boxes snap to the reduced pixel grid:
 RandomResizedCrop of the reduced image); each crop is a view of the decoded array resized by
 torch's uint8 antialiased bicubic kernel (crop-then-resize like torchvision; Pillow's filter in
-AVX2, ~3x faster than Pillow's resize here). Colour
-ops then run on planar float32 crops (:mod:`dinosys.data.color`, torchvision tensor semantics);
-grey crops stay single-plane through blur and solarize.
+AVX2, ~3x faster than Pillow's resize here). Colour ops then run on planar float32 crops
+(:mod:`dinosys.data.color`, torchvision tensor semantics); grey crops stay single-plane through
+blur and solarize; the normalised result can be written straight into a batch tensor.
 """
 
 from __future__ import annotations
