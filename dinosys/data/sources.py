@@ -8,6 +8,7 @@ window of units. Shards are indexed once (tar member offsets) so a sample is one
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import numpy as np
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from dinosys.config import DataSourceConfig
+from dinosys.config import DataSourceConfig, write_atomic
 from dinosys.data.decode import BadImageError
 from dinosys.data.folder import ImageFolder, read_file_list
 from dinosys.errors import UserError
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
 FILE_BLOCK = 256  # files per shuffle unit for folder and list sources
+CACHE_ENV = "DINOSYS_CACHE"  # shard indexes go to $DINOSYS_CACHE/shard_index (~/.cache/dinosys)
 _MAX_OPEN_SHARDS = 16
 
 
@@ -111,6 +113,38 @@ def index_shard(path: str) -> ShardIndex:
     return ShardIndex(keys, image, labels)
 
 
+def _index_cache_file(path: str) -> Path:
+    st = os.stat(path)
+    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dinosys")
+    return root / "shard_index" / f"{hashlib.sha1(ident).hexdigest()}.json"
+
+
+def load_shard_index(path: str) -> ShardIndex:
+    """The shard's index from the cache (keyed by path, size and mtime), else scan and cache it.
+
+    Every rank and DataLoader worker needs the index of the shards it reads; the cache makes the
+    header scan happen once per shard version instead of once per process.
+    """
+    try:
+        cache = _index_cache_file(path)
+    except OSError as exc:
+        raise UserError(f"cannot read shard {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(cache.read_text())
+        image = [tuple(m) if m is not None else None for m in data["image"]]
+        return ShardIndex(list(data["keys"]), image, list(data["labels"]))  # type: ignore[arg-type]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    index = index_shard(path)
+    try:
+        write_atomic(cache, json.dumps({"shard": os.path.abspath(path), "keys": index.keys,
+                                        "image": index.image, "labels": index.labels}))
+    except OSError as exc:  # a read-only home is fine: just no cache
+        logger.debug("cannot cache the index of %s: %s", path, exc)
+    return index
+
+
 def expand_shards(pattern: str) -> list[str]:
     """Brace pattern (``dir/{000000..000009}.tar``), one .tar, or a folder of .tar files."""
     p = Path(pattern)
@@ -152,7 +186,7 @@ class ShardSource:
         self._index: dict[int, ShardIndex] = {}
         for i, size in enumerate(sizes):
             if size is None:  # no sizes.json entry: index now (the index is kept)
-                self._index[i] = index_shard(self.shards[i])
+                self._index[i] = load_shard_index(self.shards[i])
                 sizes[i] = len(self._index[i].keys)
         self.unit_sizes = np.asarray(sizes, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.unit_sizes)]).tolist()
@@ -185,7 +219,7 @@ class ShardSource:
         local = index - self.starts[shard]
         idx = self._index.get(shard)
         if idx is None:
-            idx = self._index[shard] = index_shard(self.shards[shard])
+            idx = self._index[shard] = load_shard_index(self.shards[shard])
         where = f"{self.shards[shard]}"
         if local >= len(idx.keys):
             raise BadImageError("read_error", f"{where}: no sample {local} (stale sizes.json?)")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from data_helpers import bomb_png, cmyk_jpeg_bytes, jpeg_bytes, png_bytes, write_shard
 from PIL import Image
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shard_index_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep the tests' shard index cache out of the home directory."""
+    root = tmp_path_factory.mktemp("dinosys_cache")
+    os.environ["DINOSYS_CACHE"] = str(root)
+    return root
 
 
 def _photo_paths(builtin_data: Path) -> list[Path]:

@@ -135,3 +135,20 @@ def test_epoch_order_weights() -> None:
     assert len(mixed) == 80 + 15
     with pytest.raises(IndexError):
         mixed[len(mixed)]
+
+
+def test_shard_index_is_cached(id_shards: Path, shard_index_cache: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import dinosys.data.sources as sources
+
+    pattern = str(id_shards / "{000000..000002}.tar")
+    ShardSource("ids", pattern)
+    cached = list((shard_index_cache / "shard_index").glob("*.json"))
+    assert len(cached) >= 3
+
+    def no_scan(path: str) -> None:
+        raise AssertionError(f"{path} scanned again")
+
+    monkeypatch.setattr(sources, "index_shard", no_scan)
+    again = ShardSource("ids", pattern)  # every process after the first reads the cache
+    assert [again.read(i).label for i in range(len(again))] == list(range(25))
