@@ -3,7 +3,8 @@
 Each source's units (shards, or blocks of a per-epoch file permutation) are repeated by the
 source's weight (weight 2: every unit twice; 0.5: a random half of the units), all units are
 shuffled together, consecutive units are grouped into windows of at least ``window_samples``
-samples, and the samples inside each window are shuffled. Position ``p`` in ``[0, len(order))``
+samples and ``min_window_units`` units (so even big shards mix with others), and the samples
+inside each window are shuffled. Position ``p`` in ``[0, len(order))``
 maps to (source, item). Memory is O(units) plus the windows in use, so a resumable position is
 just "samples consumed", and every rank/worker computes the same order without communication.
 """
@@ -22,7 +23,7 @@ class EpochOrder:
     """Global sample order for one epoch over ``sources`` (objects with ``unit_sizes``)."""
 
     def __init__(self, sources: Sequence, weights: Sequence[float], seed: int, epoch: int,
-                 window_samples: int) -> None:
+                 window_samples: int, min_window_units: int = 8) -> None:
         self.seed, self.epoch = seed, epoch
         rng = np.random.default_rng([seed, epoch, _STREAM_UNITS])
         self._item_orders: list[np.ndarray | None] = []
@@ -51,11 +52,11 @@ class EpochOrder:
         length = np.concatenate(unit_len)
         perm = rng.permutation(len(src))
         self.unit_src, self.unit_start, self.unit_len = src[perm], start[perm], length[perm]
-        # windows: consecutive units until at least window_samples samples
+        # windows: consecutive units until at least window_samples samples and min_window_units
         bounds, acc = [0], 0
         for i, n in enumerate(self.unit_len.tolist()):
             acc += n
-            if acc >= window_samples:
+            if acc >= window_samples and i + 1 - bounds[-1] >= min_window_units:
                 bounds.append(i + 1)
                 acc = 0
         if bounds[-1] != len(self.unit_len):

@@ -152,3 +152,10 @@ def test_shard_index_is_cached(id_shards: Path, shard_index_cache: Path,
     monkeypatch.setattr(sources, "index_shard", no_scan)
     again = ShardSource("ids", pattern)  # every process after the first reads the cache
     assert [again.read(i).label for i in range(len(again))] == list(range(25))
+
+
+def test_windows_mix_several_big_shards() -> None:
+    """A window spans >= 8 units, so 1000-sample shards still mix with 7 others."""
+    order = EpochOrder([_Units([1000] * 16, False)], [1.0], seed=0, epoch=0, window_samples=100)
+    first = [order[p][1] // 1000 for p in range(200)]  # shard of each of the first samples
+    assert len(set(first)) == 8
