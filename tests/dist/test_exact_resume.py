@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,10 @@ def overrides(data: Path) -> list[str]:
     ]
 
 
-def torchrun(script: list[str], run_dir: Path, data: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def torchrun(script: list[str], run_dir: Path, data: Path, nproc: int = 2
+             ) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []),
            *script, "train", "mnist_tiny_cpu", "--out", str(run_dir), *overrides(data)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -60,7 +63,7 @@ def losses(run_dir: Path) -> dict[int, dict[str, float]]:
 def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, builtin_data: Path) -> None:
     data = builtin_data / "mnist" / "train"
     cli = ["-m", "dinosys.cli"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    full, resumed, one_rank = tmp_path / "full", tmp_path / "resumed", tmp_path / "one_rank"
 
     done = torchrun(cli, full, data)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -72,6 +75,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, builtin_data: Path
     assert [s for s, _ in manager.committed()] == [N]  # nothing after the kill
     assert max(losses(resumed)) == N
 
+    shutil.copytree(resumed, one_rank)  # also resume a copy on a single process, below
     again = torchrun(cli, resumed, data)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
 
@@ -95,3 +99,15 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, builtin_data: Path
         if prefix == "teacher.backbone":
             start = load_backbone_state(full / "checkpoints" / f"step_{N:08d}", prefix=prefix)
             assert any(not torch.equal(start[k], a[k]) for k in a), "weights never changed"
+
+    # a different world size: the 2-rank checkpoint resumes on one process (DCP reshards, the
+    # loader re-splits the rest of the epoch, RNGs are re-seeded) and the run finishes
+    single = torchrun(cli, one_rank, data, nproc=1)
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+    summary = json.loads(single.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "finished" and summary["step"] == 2 * N
+    assert summary["world_size"] == 1
+    assert sorted(losses(one_rank)) == list(range(1, 2 * N + 1))
+    after = losses(one_rank)
+    assert all(after[s] == got[s] for s in range(1, N + 1))  # the history before the kill stays
+    assert all(math.isfinite(after[s]["loss"]) for s in after)

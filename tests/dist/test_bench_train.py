@@ -1,0 +1,53 @@
+"""tools/bench_train.py runs the real training step and ends with one JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "tools" / "bench_train.py"
+TINY = ["--config", "mnist_tiny_cpu", "--batch-size", "4", "--warmup", "1", "--steps", "2",
+        "heads.n_prototypes=256", "heads.hidden_dim=128", "heads.bottleneck_dim=64",
+        "crops.n_local=2"]
+
+
+def run_bench(args: list[str], nproc: int = 1) -> dict:
+    launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, *launcher, str(BENCH), *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert "images_per_s" in proc.stdout.split(lines[-1])[0]  # the readable table comes first
+    return json.loads(lines[-1])
+
+
+def check(result: dict, world: int, fsdp: bool) -> None:
+    assert result["steps_timed"] == result["steps_applied"] == 2
+    assert result["world_size"] == world and result["fsdp"] is fsdp
+    assert result["images_per_s"] > 0 and result["tflops_per_device"] > 0
+    assert result["peak_mem_gib"] > 0 and result["last_loss"] is not None
+    assert result["arch"] == "vit_tiny" and result["crops"] == "2x28+2x16"
+
+
+def test_bench_single_process_cpu() -> None:
+    check(run_bench([*TINY, "--act-ckpt"]), world=1, fsdp=False)
+
+
+@pytest.mark.dist
+def test_bench_fsdp_two_ranks_cpu() -> None:
+    check(run_bench([*TINY, "--fsdp"], nproc=2), world=2, fsdp=True)
+
+
+@pytest.mark.gpu
+def test_bench_gpu_bf16_fsdp_one_device() -> None:
+    result = run_bench([*TINY, "--fsdp", "--dtype", "bf16"])
+    check(result, world=1, fsdp=True)
+    assert result["device"] != "cpu" and result["peak_mem_reserved_gib"] > 0
