@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/bootstrap.sh
-eval "$(bash tools/slurm_local.sh start)"
+# an assignment (unlike eval "$(...)") fails under set -e when the cluster does not come up
+slurm_env=$(bash tools/slurm_local.sh start)
+eval "$slurm_env"
 trap 'bash tools/slurm_local.sh stop >/dev/null 2>&1 || true' EXIT
 export DINOSYS_REQUIRE_SLURM=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/ruff check .
