@@ -126,11 +126,14 @@ class SSLStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[dict, list, tuple[int, int]]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for i, (epoch, first, after) in enumerate(self.schedule()):
-            if i % n_workers != worker:
-                continue
-            batch, events = self.make_batch(epoch, first)
-            yield batch, events, (epoch, after)
+        try:
+            for i, (epoch, first, after) in enumerate(self.schedule()):
+                if i % n_workers != worker:
+                    continue
+                batch, events = self.make_batch(epoch, first)
+                yield batch, events, (epoch, after)
+        except UserError as exc:  # hand it to the main process as one line, not a worker trace
+            yield None, [("fatal", "", str(exc))], (-1, -1)
 
 
 class SSLLoader:
@@ -235,6 +238,8 @@ class SSLLoader:
         else:
             it = iter(stream)
         for batch, events, (epoch, consumed) in it:
+            if batch is None:
+                raise UserError(events[0][2])
             self._record(events)
             self.epoch, self.consumed = epoch, consumed
             self._batches += 1

@@ -143,12 +143,15 @@ def test_bad_data_is_skipped_counted_and_logged(bad_shard: Path, sample_kinds: d
     assert loader2.stats()["bad"] == stats["bad"]  # counts come back from the workers
 
 
-def test_all_bad_data_fails_clearly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_all_bad_data_fails_clearly(tmp_path: Path, workers: int) -> None:
     write_shard(tmp_path / "000000.tar",
                 [{"__key__": f"k{i}", "jpg": b"not a jpeg"} for i in range(5)])
-    loader = build_ssl_loader(tiny_config([(str(tmp_path), 1.0)], batch_size=2), 0, 1, PATCH)
-    with pytest.raises(UserError, match="bad samples in a row"):
+    cfg = tiny_config([(str(tmp_path), 1.0)], batch_size=2, workers=workers)
+    loader = build_ssl_loader(cfg, 0, 1, PATCH)
+    with pytest.raises(UserError, match="bad samples in a row") as info:
         _take(loader, 1)
+    assert "\n" not in str(info.value)  # one line for the CLI, even from a worker process
 
 
 def test_user_errors(id_shards: Path) -> None:
