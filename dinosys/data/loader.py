@@ -237,13 +237,16 @@ class SSLLoader:
                                  persistent_workers=False, generator=generator))
         else:
             it = iter(stream)
-        for batch, events, (epoch, consumed) in it:
-            if batch is None:
-                raise UserError(events[0][2])
-            self._record(events)
-            self.epoch, self.consumed = epoch, consumed
-            self._batches += 1
-            yield batch
+        try:
+            for batch, events, (epoch, consumed) in it:
+                if batch is None:
+                    raise UserError(events[0][2])
+                self._record(events)
+                self.epoch, self.consumed = epoch, consumed
+                self._batches += 1
+                yield batch
+        finally:
+            del it  # stop the workers now, not when a traceback holding this frame is collected
 
 
 def build_ssl_loader(cfg: TrainConfig, rank: int, world_size: int, patch_size: int) -> SSLLoader:
