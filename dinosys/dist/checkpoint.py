@@ -38,12 +38,10 @@ DCP's ``.metadata`` is a pickle written by this code: load checkpoints you or yo
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
@@ -52,23 +50,25 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dinosys.config import write_atomic
+from dinosys.dist.checkpoint_state import (
+    OptimizerState,
+    adapt_state,
+    capture_rng_state,
+    reseed_rng,
+    restore_rng_state,
+)
 from dinosys.errors import UserError
+
+__all__ = ["CheckpointManager", "OptimizerState", "capture_rng_state", "consolidated_state_dict",
+           "is_checkpoint", "load_backbone_state", "resolve_checkpoint", "restore_rng_state"]
 
 log = logging.getLogger(__name__)
 
@@ -118,151 +118,6 @@ def is_checkpoint(path: Path) -> bool:
     """True if ``path`` is a committed checkpoint folder (marker and DCP metadata present)."""
     path = Path(path)
     return (path / COMPLETE).is_file() and (path / ".metadata").is_file()
-
-
-# --------------------------------------------------------------------------- per-rank state
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
-def capture_rng_state() -> dict:
-    """This process's RNG states (torch CPU, current CUDA device, numpy, python) as JSON data."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": _b64(torch.get_rng_state()),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = _b64(torch.cuda.get_rng_state())
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    """Restore what :func:`capture_rng_state` returned."""
-    torch.set_rng_state(_unb64(state["torch"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(_unb64(state["cuda"]))
-
-
-def reseed_rng(seed: int, step: int, rank: int) -> None:
-    """Seed every RNG from ``(seed, step, rank)``: the fallback when the world size changed."""
-    words = np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(2)
-    value = int(words[0]) << 32 | int(words[1])
-    torch.manual_seed(value)
-    np.random.seed(int(words[0]))
-    random.seed(value)
-
-
-# --------------------------------------------------------------------------- state adapters
-
-
-class OptimizerState:
-    """Pairs an optimizer with the module owning its parameters (DCP needs both).
-
-    :meth:`CheckpointManager.save` finds the owner itself when an optimizer is passed bare;
-    use this wrapper when the parameters live in a module that is not in the state dict.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-        self._saved_prefixes: set[str] | None = None  # set by load: which params had state
-
-    def state_dict(self) -> dict:
-        osd = get_optimizer_state_dict(self.model, self.optimizer)
-        if self._saved_prefixes is not None:
-            # Parameters that never had a gradient when saved (e.g. a frozen last layer) have no
-            # saved state; get_optimizer_state_dict made some up, so leave them out of the load.
-            osd["state"] = {fqn: st for fqn, st in osd["state"].items()
-                            if f"state.{fqn}." in self._saved_prefixes}
-        return osd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        partial = StateDictOptions(strict=self._saved_prefixes is None)
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=partial)
-        if self._saved_prefixes is not None:
-            kept = set(state_dict["state"])
-            names = _param_names(self.model)
-            for param in list(self.optimizer.state):
-                if names.get(id(param)) not in kept:
-                    del self.optimizer.state[param]
-
-    def expect(self, saved_keys: list[str]) -> None:
-        """Restrict the next load to the parameters that have state in the checkpoint."""
-        prefixes = set()
-        for key in saved_keys:
-            parts = key.split(".")
-            prefixes.update(".".join(parts[:i]) + "." for i in range(2, len(parts)))
-        self._saved_prefixes = prefixes
-
-
-class _ModuleState:
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def state_dict(self) -> dict:
-        return get_model_state_dict(self.module)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        set_model_state_dict(self.module, state_dict)
-
-
-def _param_names(model: nn.Module) -> dict[int, str]:
-    """Parameter id -> the clean FQN DCP uses (compile / checkpoint-wrapper prefixes removed)."""
-    names = {}
-    for name, param in model.named_parameters():
-        for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module."):
-            name = name.replace(wrapper, "")
-        names[id(param)] = name
-    return names
-
-
-def _owner_of(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module]) -> nn.Module:
-    """The module in ``modules`` holding all of ``optimizer``'s parameters (or a ModuleDict)."""
-    owners: dict[int, str] = {}
-    for name, module in modules.items():
-        for p in module.parameters():
-            owners.setdefault(id(p), name)
-    names = set()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in owners:
-                raise ValueError("an optimizer parameter belongs to no module in the checkpoint "
-                                 "state; wrap it as OptimizerState(model, optimizer)")
-            names.add(owners[id(p)])
-    if len(names) == 1:
-        return modules[names.pop()]
-    return nn.ModuleDict({name: modules[name] for name in sorted(names)})
-
-
-def _adapt(state: dict[str, Any]) -> dict[str, Any]:
-    """Wrap modules and optimizers as Stateful objects DCP can save and load in place."""
-    modules = {k: v for k, v in state.items() if isinstance(v, nn.Module)}
-    adapted: dict[str, Any] = {}
-    for key, value in state.items():
-        if "." in key:
-            raise ValueError(f"checkpoint state key {key!r} must not contain a dot")
-        if isinstance(value, nn.Module):
-            adapted[key] = _ModuleState(value)
-        elif isinstance(value, torch.optim.Optimizer):
-            adapted[key] = OptimizerState(_owner_of(value, modules), value)
-        elif isinstance(value, (Stateful, dict)):
-            adapted[key] = value
-        else:
-            raise TypeError(f"checkpoint state {key!r}: cannot save a {type(value).__name__}")
-    return adapted
 
 
 # --------------------------------------------------------------------------- manager
@@ -348,7 +203,7 @@ class CheckpointManager:
             gathered = [per_rank]
 
         with _single_process_quiet():
-            dcp.save(_adapt(state), storage_writer=dcp.FileSystemWriter(str(tmp)))
+            dcp.save(adapt_state(state), storage_writer=dcp.FileSystemWriter(str(tmp)))
         if _distributed():
             dist.barrier()
         final = self.root / step_dir_name(step)
@@ -415,7 +270,7 @@ class CheckpointManager:
         info = json.loads((path / EXTRA_FILE).read_text())
         saved = json.loads((path / RANK_STATES_FILE).read_text())
         rank, world = _rank_world()
-        adapted = _adapt(state)
+        adapted = adapt_state(state)
         saved_keys = list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
         for key, value in adapted.items():
             if isinstance(value, OptimizerState):
