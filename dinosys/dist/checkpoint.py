@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -276,8 +277,16 @@ class CheckpointManager:
             if isinstance(value, OptimizerState):
                 head = key + "."
                 value.expect([k[len(head):] for k in saved_keys if k.startswith(head)])
-        with _single_process_quiet():
-            dcp.load(adapted, checkpoint_id=str(path))
+        try:
+            with _single_process_quiet():
+                dcp.load(adapted, checkpoint_id=str(path))
+        except (CheckpointException, ValueError, RuntimeError) as exc:
+            problem = _layout_mismatch(exc)
+            if problem is None:
+                raise
+            raise UserError(f"checkpoint {path} does not match what is being resumed ({problem}); "
+                            "resume with the config it was saved with, or use a new run "
+                            "directory") from exc
         same = len(saved) == world
         info.update(saved_world_size=len(saved), same_world_size=same,
                     rank_states=[entry["rank_state"] for entry in saved],
@@ -292,6 +301,22 @@ class CheckpointManager:
         if _distributed():
             dist.barrier()
         return info
+
+
+_MISMATCH = re.compile(r"(Size mismatch[^\n]*|Missing key[^\n]*|Missing optimizer state[^\n]*)")
+
+
+def _layout_mismatch(exc: BaseException) -> str | None:
+    """The first 'size mismatch' / 'missing key' line DCP raised (on any rank), else None."""
+    errors = [exc]
+    if isinstance(exc, CheckpointException):
+        errors = [failure[0] if isinstance(failure, tuple) else failure
+                  for failure in exc.failures.values()]
+    for error in errors:
+        match = _MISMATCH.search(str(error))
+        if match:
+            return match.group(1).rstrip(".")
+    return None
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -277,3 +277,13 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
     assert (root / "latest").read_text().strip() == "step_00000001"
     backbone = load_backbone_state(root)
     assert "blocks.0.fc.weight" in backbone and backbone["blocks.0.fc.weight"].shape == (16, 16)
+
+
+def test_resuming_a_different_model_is_a_user_error(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt")
+    manager.save(1, {"student": nn.Sequential(nn.Linear(4, 8))})
+    with pytest.raises(UserError, match=r"does not match .*Size mismatch.*student\.0\.weight"):
+        manager.load(manager.latest(), {"student": nn.Sequential(nn.Linear(4, 9))})
+    with pytest.raises(UserError, match=r"does not match .*Missing key.*student\.1\.weight"):
+        manager.load(manager.latest(),
+                     {"student": nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))})
