@@ -208,14 +208,27 @@ class CheckpointManager:
         if _distributed():
             dist.barrier()
         final = self.root / step_dir_name(step)
+        failure: BaseException | None = None
         if rank == 0:
             info = dict(extra or {})
             info.update(format=FORMAT, step=int(step), world_size=world, time=time.time(),
                         state_keys=sorted(state))
-            self._commit(tmp, final, info, gathered)
-            self.prune()
+            try:
+                self._commit(tmp, final, info, gathered)
+            except Exception as exc:  # every rank must hear of it, not wait in a barrier
+                failure = exc
+            else:
+                try:
+                    self.prune()
+                except OSError as exc:  # the new checkpoint is committed: pruning can wait
+                    log.warning("could not prune old checkpoints in %s: %s", self.root, exc)
+        status = [None if failure is None else f"{type(failure).__name__}: {failure}"]
         if _distributed():
-            dist.barrier()
+            dist.broadcast_object_list(status, src=0)
+        if failure is not None:
+            raise failure
+        if status[0] is not None:
+            raise RuntimeError(f"checkpoint of step {step} failed on rank 0: {status[0]}")
         return final
 
     def _commit(self, tmp: Path, final: Path, info: dict, rank_states: list) -> None:

@@ -287,3 +287,12 @@ def test_resuming_a_different_model_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"does not match .*Missing key.*student\.1\.weight"):
         manager.load(manager.latest(),
                      {"student": nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))})
+
+
+def test_extra_that_is_not_json_fails_the_save_and_commits_nothing(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt")
+    manager.save(1, {"student": nn.Linear(2, 2)})
+    with pytest.raises(TypeError, match="JSON serializable"):
+        manager.save(2, {"student": nn.Linear(2, 2)}, {"when": object()})
+    assert manager.latest() == tmp_path / "ckpt" / "step_00000001"
+    assert [s for s, _ in manager.committed()] == [1]
