@@ -117,6 +117,9 @@ def embed_chunks(fm: FeatureModel, rows: dict[str, np.ndarray], cfg: EmbedConfig
         todo = todo[:max_chunks]
     if not todo:
         return 0
+    for c in todo:  # temporaries of a killed run (only this part's chunks: others may be writing)
+        for stale in out.glob(f".chunk-{c:06d}.*"):
+            stale.unlink(missing_ok=True)
     device = resolve_device(cfg.device)
     fm.model.to(device)
     batches: list[list[int]] = []

@@ -1,0 +1,181 @@
+"""Curation benchmarks: (a) dedup of N x 256 synthetic embeddings with planted copy groups,
+(b) k-means (ours, torch) next to faiss.Kmeans defaults in the same run, (c) embedding images/s.
+
+    python tools/bench_curation.py            # full: 1M vectors, k-means 1M -> 10k
+    python tools/bench_curation.py --small    # CI size: 50k vectors, k-means 50k -> 500
+
+Prints a table and, as the last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from curation import dedup as dd  # noqa: E402
+from curation.config import EmbedConfig, IndexConfig  # noqa: E402
+from curation.knn import knn  # noqa: E402
+
+
+def synthetic(n: int, d: int, seed: int = 0, frac_dup: float = 0.05) -> tuple[np.ndarray, dict]:
+    """Clustered background (1000 modes) + planted copy groups of 2-5 near-identical vectors."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((1000, d)).astype(np.float32)
+    x = np.empty((n, d), dtype=np.float32)
+    for lo in range(0, n, 100_000):
+        hi = min(n, lo + 100_000)
+        x[lo:hi] = 0.4 * centers[rng.integers(0, 1000, hi - lo)] + rng.standard_normal((hi - lo, d))
+    planted: list[tuple[int, int]] = []
+    perm = rng.permutation(n)
+    pos, budget = 0, int(frac_dup * n)
+    while pos < budget:
+        size = int(rng.integers(2, 6))
+        members = np.sort(perm[pos: pos + size])
+        pos += size
+        base = x[members[0]]
+        noise = rng.uniform(0.2, 0.6)
+        x[members[1:]] = base + noise * rng.standard_normal((len(members) - 1, d)).astype(np.float32)
+        planted.extend((int(a), int(b)) for i, a in enumerate(members) for b in members[i + 1:])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, {"pairs": planted, "copies": pos}
+
+
+def bench_dedup(n: int, d: int, threshold: float, k: int, nprobe: int) -> dict:
+    """kNN graph + components; recall/precision vs planted pairs and vs exact search."""
+    x, truth = synthetic(n, d)
+    cfg = IndexConfig(nprobe=nprobe)
+    t0 = time.perf_counter()
+    sims, ids = knn(x, k, cfg, progress=False)
+    t_knn = time.perf_counter() - t0
+    edges = dd.knn_edges(sims, ids, threshold)
+    res = dd.dedup(n, edges, threshold)
+    wall = time.perf_counter() - t0
+    planted = np.asarray(truth["pairs"], dtype=np.int64)
+    psim = np.sum(x[planted[:, 0]] * x[planted[:, 1]], 1)
+    planted_above = planted[psim > threshold]
+    found = set(zip(edges.i.tolist(), edges.j.tolist()))
+    pset = {(int(a), int(b)) for a, b in planted_above}
+    recall_planted = len(found & pset) / max(1, len(pset))
+    precision_planted = len(found & pset) / max(1, len(found))
+    same = res.labels[planted_above[:, 0]] == res.labels[planted_above[:, 1]]
+    # recall against exact search on a sample of queries (brute force over all N)
+    rng = np.random.default_rng(1)
+    q = np.sort(rng.choice(n, size=min(n, 2000), replace=False))
+    exact_pairs, approx_pairs = 0, 0
+    qsims = x[q] @ x.T
+    qsims[np.arange(len(q)), q] = -1
+    for row, qi in enumerate(q):
+        nbrs = np.flatnonzero(qsims[row] > threshold)
+        nbrs = nbrs[np.argsort(-qsims[row, nbrs])][: k - 1]
+        exact_pairs += len(nbrs)
+        approx_pairs += sum((min(qi, j), max(qi, j)) in found for j in nbrs)
+    return {"n": n, "dim": d, "seconds": round(wall, 1), "knn_seconds": round(t_knn, 1),
+            "planted_pairs": len(pset), "recall_planted": round(recall_planted, 4),
+            "precision_planted": round(precision_planted, 4),
+            "planted_same_group": round(float(same.mean()), 4),
+            "recall_vs_exact": round(approx_pairs / max(1, exact_pairs), 4),
+            "removed": int((~res.keep).sum())}
+
+
+def bench_kmeans(n: int, d: int, k: int, n_iter: int) -> dict:
+    """Our torch k-means vs faiss.Kmeans with its defaults (niter=25) on the same data."""
+    import faiss
+
+    from curation.kmeans import inertia, kmeans_torch
+
+    x, _ = synthetic(n, d, seed=2, frac_dup=0.0)
+    t0 = time.perf_counter()
+    ours, _ = kmeans_torch(x, k, n_iter=n_iter, seed=0)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    km = faiss.Kmeans(d, k, niter=n_iter, seed=0)
+    km.train(x)
+    t_faiss = time.perf_counter() - t0
+    return {"n": n, "k": k, "iters": n_iter, "ours_seconds": round(t_ours, 1),
+            "faiss_seconds": round(t_faiss, 1), "ratio": round(t_ours / t_faiss, 2),
+            "ours_inertia": round(inertia(x, ours), 5),
+            "faiss_inertia": round(inertia(x, km.centroids), 5)}
+
+
+def bench_embed(n_images: int, arch: str, img_size: int, workers: int) -> dict:
+    """Images/s of the embed stage (decode + preprocess + forward) on synthetic JPEGs."""
+    import torch
+    from PIL import Image
+
+    from curation.backbone import load_feature_model
+    from curation.embed import embed_chunks
+    from dinosys.export import save_native
+    from dinosys.models import create_backbone
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rng = np.random.default_rng(0)
+        paths = []
+        for i in range(n_images):
+            arr = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+            img = Image.fromarray(arr).resize((400, 300), Image.BICUBIC)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            paths.append(tmp / f"{i}.jpg")
+            paths[-1].write_bytes(buf.getvalue())
+        torch.manual_seed(0)
+        save_native(create_backbone(arch, img_size=img_size).eval(), tmp / "model")
+        fm = load_feature_model(str(tmp / "model"))
+        rows = {"id": np.arange(n_images), "path": np.array([str(p) for p in paths]),
+                "member": np.array([""] * n_images), "offset": np.full(n_images, -1),
+                "size": np.full(n_images, -1)}
+        cfg = EmbedConfig(model=str(tmp / "model"), img_size=img_size, batch_size=32,
+                          num_workers=workers, chunk_size=n_images)
+        t0 = time.perf_counter()
+        embed_chunks(fm, rows, cfg, tmp / "out", progress=False)
+        wall = time.perf_counter() - t0
+    return {"arch": arch, "img_size": img_size, "images": n_images,
+            "images_per_s": round(n_images / wall, 1), "device": cfg.device}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="CI size")
+    p.add_argument("--n", type=int, help="dedup vectors (default 1M, small 50k)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--threshold", type=float, default=0.6)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--nprobe", type=int, default=IndexConfig().nprobe)
+    p.add_argument("--kmeans-n", type=int, help="default 1M, small 50k")
+    p.add_argument("--kmeans-k", type=int, help="default 10k, small 500")
+    p.add_argument("--kmeans-iters", type=int, default=25, help="faiss.Kmeans default: 25")
+    p.add_argument("--embed-images", type=int, default=None)
+    p.add_argument("--embed-arch", default="vits14")
+    p.add_argument("--skip", default="", help="comma list of dedup,kmeans,embed to skip")
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    n = args.n or (50_000 if args.small else 1_000_000)
+    kn = args.kmeans_n or (50_000 if args.small else 1_000_000)
+    kk = args.kmeans_k or (500 if args.small else 10_000)
+    result: dict = {"small": args.small}
+    if "dedup" not in skip:
+        result["dedup"] = bench_dedup(n, args.dim, args.threshold, args.k, args.nprobe)
+    if "kmeans" not in skip:
+        result["kmeans"] = bench_kmeans(kn, args.dim, kk, args.kmeans_iters)
+    if "embed" not in skip:
+        result["embed"] = bench_embed(args.embed_images or (32 if args.small else 256),
+                                      args.embed_arch, 224, 2)
+    print(f"{'benchmark':<10} {'metric':<22} value")
+    for section, values in result.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                print(f"{section:<10} {key:<22} {value}")
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
