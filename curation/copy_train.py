@@ -47,7 +47,7 @@ def copy_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
         x, y = rng.uniform(0, 0.7) * img.width, rng.uniform(0, 0.8) * img.height
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         if rng.random() < 0.5:
-            d.text((x, y), "copy %d" % rng.integers(1000), fill=colour)
+            d.text((x, y), f"copy {int(rng.integers(1000))}", fill=colour)
         else:
             d.rectangle((x, y, x + img.width * 0.2, y + img.height * 0.1), fill=colour)
     if rng.random() < 0.5:
@@ -58,44 +58,50 @@ def copy_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def train_copy_backbone(images: Sequence[Image.Image], out_dir: Path, steps: int = 300,
-                        batch_size: int = 48, img_size: int = 64, arch: str = "vit_tiny",
-                        patch_size: int = 8, lr: float = 1e-3, temperature: float = 0.1,
-                        seed: int = 0, max_seconds: float | None = None) -> dict:
+                        batch_size: int = 48, img_size: int = 48, arch: str = "vit_tiny",
+                        patch_size: int = 8, embed_dim: int = 128, depth: int = 4,
+                        num_heads: int = 4, lr: float = 2e-3, temperature: float = 0.1,
+                        seed: int = 0, max_seconds: float | None = None,
+                        device: str | None = None) -> dict:
     """Train a copy-detection backbone on ``images`` and export it to ``out_dir``."""
     from dinosys.export import save_native
     from dinosys.models import create_backbone
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = create_backbone(arch, img_size=img_size, patch_size=patch_size)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = create_backbone(arch, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                            depth=depth, num_heads=num_heads).to(dev)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     start = time.time()
     losses = []
-    for step in range(steps):
+    for _ in range(steps):
         idx = rng.choice(len(images), size=min(batch_size, len(images)), replace=False)
         views = [torch.stack([preprocess(copy_augment(images[i], rng), img_size, mean, std)
                               for i in idx]) for _ in range(2)]
-        out = model(torch.cat(views))
+        out = model(torch.cat(views).to(dev))
         z = torch.cat([F.normalize(out["x_norm_clstoken"], dim=-1),
                        F.normalize(out["x_norm_patchtokens"].mean(1), dim=-1)], -1)
         z = F.normalize(z, dim=-1)
         a, b = z.chunk(2)
         logits = a @ b.T / temperature
-        target = torch.arange(len(a))
+        target = torch.arange(len(a), device=dev)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if max_seconds is not None and time.time() - start > max_seconds:
             break
-    model.eval()
+    model.eval().cpu()
     save_native(model, Path(out_dir), card={
-        "purpose": "copy detection (curation dedup)", "objective": "InfoNCE over copy augmentations",
+        "purpose": "copy detection (curation dedup)",
+        "objective": "InfoNCE over copy augmentations",
         "steps": len(losses), "train_images": len(images)})
-    return {"steps": len(losses), "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])),
+    return {"steps": len(losses), "first_loss": losses[0],
+            "last_loss": float(np.mean(losses[-10:])),
             "seconds": round(time.time() - start, 1)}

@@ -34,8 +34,14 @@ def default_nlist(n: int) -> int:
     return int(max(1, min(4 * math.sqrt(n), n // 39)))
 
 
+def gpu_enabled(cfg: IndexConfig) -> bool:
+    """True when faiss is a GPU build that sees devices and the config allows them."""
+    return bool(cfg.use_gpu and hasattr(faiss, "index_cpu_to_all_gpus")
+                and hasattr(faiss, "GpuParameterSpace") and faiss.get_num_gpus() > 0)
+
+
 def _to_gpu(index: faiss.Index, cfg: IndexConfig) -> faiss.Index:
-    if cfg.use_gpu and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
+    if gpu_enabled(cfg):
         log.info("faiss: index on %d GPU(s)", faiss.get_num_gpus())
         return faiss.index_cpu_to_all_gpus(index)
     return index
@@ -64,7 +70,8 @@ def build_index(xb: np.ndarray, cfg: IndexConfig, kind: str | None = None,
     log.info("faiss: training %s (nlist %d) on %d vectors", kind, nlist, len(sample))
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     _add_batched(index, xb, cfg)
-    faiss.ParameterSpace().set_index_parameter(index, "nprobe", min(cfg.nprobe, nlist))
+    space = faiss.GpuParameterSpace() if gpu_enabled(cfg) else faiss.ParameterSpace()
+    space.set_index_parameter(index, "nprobe", min(cfg.nprobe, nlist))
     return index
 
 

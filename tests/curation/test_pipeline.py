@@ -54,7 +54,7 @@ def test_run_end_to_end_and_idempotent(tmp_path: Path, curation_inputs: dict,
                 key, ext = m.name.split(".", 1)
                 seen.setdefault(key, {})[ext] = tar.extractfile(m).read()
     assert len(seen) == kept
-    for key, fields in seen.items():
+    for fields in seen.values():
         meta = json.loads(fields["json"])
         assert meta["sha256"] and meta["cluster_path"].count("/") == 1
         img_ext = next(e for e in fields if e in ("png", "jpg", "webp"))
