@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import yaml
 from torch import nn
 
 from dinosys.errors import UserError
@@ -11,7 +15,8 @@ RANDOM_PREFIX = "random:"
 
 
 def load_eval_model(spec: str) -> nn.Module:
-    """``random:ARCH[:IMG_SIZE]`` -> a freshly initialised backbone (seed 0), else
+    """``random:ARCH[:IMG_SIZE]`` or ``random:PATH`` (PATH's architecture) -> a freshly
+    initialised backbone (seed 0), else
     ``dinosys.export.load(spec)`` (run directory, checkpoint or exported directory)."""
     spec = str(spec)
     if spec.startswith(RANDOM_PREFIX):
@@ -19,7 +24,15 @@ def load_eval_model(spec: str) -> nn.Module:
 
         from dinosys.models import create_backbone
 
-        arch, _, size = spec[len(RANDOM_PREFIX):].partition(":")
+        rest = spec[len(RANDOM_PREFIX):]
+        if Path(rest).exists():  # the architecture of a saved model, freshly initialised
+            from dinosys.export import load
+            from dinosys.models import backbone_from_config
+
+            cfg = load(rest).cfg
+            torch.manual_seed(0)
+            return backbone_from_config(cfg).eval()
+        arch, _, size = rest.partition(":")
         kwargs = {"img_size": int(size)} if size else {}
         torch.manual_seed(0)
         try:
@@ -42,9 +55,25 @@ def model_image_size(model: nn.Module) -> int:
     return int(size)
 
 
-def model_normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Input mean/std the model was trained with (``model.preprocessing``), else ImageNet's."""
-    pre = getattr(model, "preprocessing", None) or {}
-    mean = pre.get("mean") if isinstance(pre, dict) else None
-    std = pre.get("std") if isinstance(pre, dict) else None
-    return tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
+def model_normalisation(spec: str | Path | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean/std a saved model was trained with: the export's ``config.json``
+    ``normalization``, else the run's ``config.yaml`` ``crops.mean/std``, else ImageNet's."""
+    if spec is not None and not str(spec).startswith(RANDOM_PREFIX):
+        path = Path(spec)
+        for cfg_json in (path / "config.json", path / "export" / "config.json"):
+            if cfg_json.is_file():
+                try:
+                    norm = json.loads(cfg_json.read_text()).get("normalization") or {}
+                except (OSError, json.JSONDecodeError):
+                    norm = {}
+                if norm.get("mean") and norm.get("std"):
+                    return tuple(norm["mean"]), tuple(norm["std"])
+        for run_cfg in (path / "config.yaml", path.parent.parent / "config.yaml"):
+            if run_cfg.is_file():
+                try:
+                    crops = (yaml.safe_load(run_cfg.read_text()) or {}).get("crops") or {}
+                except (OSError, yaml.YAMLError):
+                    crops = {}
+                if crops.get("mean") and crops.get("std"):
+                    return tuple(crops["mean"]), tuple(crops["std"])
+    return IMAGENET_MEAN, IMAGENET_STD

@@ -1,0 +1,60 @@
+"""Schedules: values at the key steps of a DINOv2 run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dinosys.config import OptimConfig, SSLLossConfig
+from dinosys.train.schedules import TrainSchedules, scaled_lr
+
+
+def test_lr_scaling_rules() -> None:
+    assert scaled_lr(4e-3, 256, 1024, "sqrt") == pytest.approx(2e-3)
+    assert scaled_lr(4e-3, 256, 1024, "linear") == pytest.approx(1e-3)
+    assert scaled_lr(4e-3, 256, 1024, "none") == pytest.approx(4e-3)
+
+
+def make(total: int = 1000) -> TrainSchedules:
+    optim = OptimConfig(base_lr=4e-3, reference_batch=1024, min_lr=1e-6, iters_per_epoch=10,
+                        warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
+                        momentum_teacher=0.992, final_momentum_teacher=1.0,
+                        freeze_last_layer_epochs=1)
+    loss = SSLLossConfig(warmup_teacher_temp=0.04, teacher_temp=0.07,
+                         warmup_teacher_temp_epochs=30)
+    return TrainSchedules(optim, loss, total_steps=total, total_batch=256)
+
+
+def test_lr_warmup_then_cosine() -> None:
+    s = make()
+    peak = 4e-3 * math.sqrt(256 / 1024)
+    assert s.lr(0) == 0.0
+    assert s.lr(50) == pytest.approx(peak / 2)
+    assert s.lr(100) == pytest.approx(peak)
+    mid = 100 + (1000 - 100) // 2
+    assert s.lr(mid) == pytest.approx(1e-6 + (peak - 1e-6) / 2)
+    assert s.lr(1000) == pytest.approx(1e-6)
+    assert all(s.lr(i) >= s.lr(i + 1) for i in range(100, 999))
+
+
+def test_weight_decay_momentum_and_teacher_temp() -> None:
+    s = make()
+    assert s.weight_decay(0) == pytest.approx(0.04)
+    assert s.weight_decay(500) == pytest.approx(0.22)
+    assert s.weight_decay(1000) == pytest.approx(0.4)
+    assert s.momentum(0) == pytest.approx(0.992)
+    assert s.momentum(500) == pytest.approx(0.996)
+    assert s.momentum(1000) == pytest.approx(1.0)
+    assert s.teacher_temp(0) == pytest.approx(0.04)
+    assert s.teacher_temp(150) == pytest.approx(0.055)
+    assert s.teacher_temp(300) == pytest.approx(0.07)
+    assert s.teacher_temp(900) == pytest.approx(0.07)
+
+
+def test_last_layer_frozen_for_the_first_epochs() -> None:
+    s = make()
+    assert s.at(0).last_layer_frozen and s.at(9).last_layer_frozen
+    assert not s.at(10).last_layer_frozen
+    values = s.at(100).as_dict()
+    assert set(values) == {"lr", "wd", "momentum", "teacher_temp"}
