@@ -143,12 +143,12 @@ class MultiCropAugmentation:
         return int(math.ceil(width * f)), int(math.ceil(height * f))
 
     # ----------------------------------------------------------------- pixels
-    def render_crop(self, src: torch.Tensor, p: CropParams, sx: float, sy: float,
-                    lap: Lap | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """Cut, resize, colour and normalise one crop of ``src`` (uint8 (1, 3, H, W) channels-last
-        view); ``sx, sy`` scale the box to a reduced decode. Returns float32 (3, size, size),
-        written into ``out`` when given (a slot of a batch buffer: no collate copy).
-        ``lap(stage)`` (benchmarks) is called at the end of each stage."""
+    @staticmethod
+    def geometric_crop(src: torch.Tensor, p: CropParams, sx: float, sy: float,
+                       out: np.ndarray | None = None) -> np.ndarray:
+        """Cut, resize and flip one crop of ``src`` (uint8 (1, 3, H, W) channels-last view):
+        uint8 (3, size, size), copied into ``out`` when given. ``sx, sy`` scale the box to a
+        reduced decode. The photometric ops of ``p`` are not applied."""
         h, w = src.shape[-2:]
         left, top = min(int(round(p.box[0] * sx)), w - 1), min(int(round(p.box[1] * sy)), h - 1)
         right = max(left + 1, min(w, int(round(p.box[2] * sx))))
@@ -157,7 +157,18 @@ class MultiCropAugmentation:
                              mode="bicubic", antialias=True, align_corners=False)[0].numpy()
         if p.flip:
             crop = crop[:, :, ::-1]
-        x = crop.astype(np.float32)  # [0, 255] scale: see dinosys.data.color
+        if out is None:
+            return crop
+        np.copyto(out, crop)
+        return out
+
+    def render_crop(self, src: torch.Tensor, p: CropParams, sx: float, sy: float,
+                    lap: Lap | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Cut, resize, colour and normalise one crop of ``src`` (uint8 (1, 3, H, W) channels-last
+        view); ``sx, sy`` scale the box to a reduced decode. Returns float32 (3, size, size),
+        written into ``out`` when given (a slot of a batch buffer: no collate copy).
+        ``lap(stage)`` (benchmarks) is called at the end of each stage."""
+        x = self.geometric_crop(src, p, sx, sy).astype(np.float32)  # [0, 255]: see color
         if lap:
             lap("crop + resize + to float")
         if p.jitter_order is not None:
@@ -208,6 +219,12 @@ class MultiCropAugmentation:
 
         ``out``: destination arrays {"global_crops": [...], "local_crops": [...]} to write the
         crops into (see :class:`dinosys.data.collate.CropBuffers`)."""
+        arr, params, sx, sy = self._decode_for_crops(data, rng, max_pixels, decoder, lap)
+        return self._render(arr, params, sx, sy, lap, out)
+
+    def _decode_for_crops(self, data: bytes, rng: np.random.Generator, max_pixels: int,
+                          decoder: str, lap: Lap | None
+                          ) -> tuple[np.ndarray, list[CropParams], float, float]:
         header = probe_image(data, max_pixels)
         params = self.sample_params(header.width, header.height, rng)
         need = self.min_source_size(params, header.width, header.height)
@@ -216,8 +233,28 @@ class MultiCropAugmentation:
         arr = decode_array(data, max_pixels, draft_size=need, decoder=decoder, header=header)
         if lap:
             lap("decode (reduced scale)")
-        sx, sy = arr.shape[1] / header.width, arr.shape[0] / header.height
-        return self._render(arr, params, sx, sy, lap, out)
+        return arr, params, arr.shape[1] / header.width, arr.shape[0] / header.height
+
+    def geometric_from_bytes(self, data: bytes, rng: np.random.Generator, max_pixels: int,
+                             decoder: str = "auto", lap: Lap | None = None,
+                             out: dict[str, list[np.ndarray]] | None = None
+                             ) -> tuple[dict[str, list[np.ndarray]], list[CropParams]]:
+        """The ``data.gpu_augment`` half of :meth:`from_bytes`: the same random draws, decode,
+        crop, resize and flip, but no colour op, blur, solarize or normalisation.
+
+        Returns uint8 (3, size, size) crops (written into ``out``'s uint8 slots when given) and
+        every crop's parameters, global crops first; :mod:`dinosys.data.gpu_augment` applies
+        the photometric part of those parameters to the batch on the training device."""
+        arr, params, sx, sy = self._decode_for_crops(data, rng, max_pixels, decoder, lap)
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        src = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)  # channels-last view
+        slots = [None] * len(params) if out is None else out["global_crops"] + out["local_crops"]
+        crops = [self.geometric_crop(src, p, sx, sy, slot) for p, slot in zip(params, slots)]
+        if lap:
+            lap("crop + resize (uint8)")
+        n_global = len(params) - self.cfg.n_local
+        return {"global_crops": crops[:n_global], "local_crops": crops[n_global:]}, params
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> dict[str, list[torch.Tensor]]:
         """Multi-crop of a PIL image into normalised float tensors (C, H, W)."""

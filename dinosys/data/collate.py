@@ -36,14 +36,16 @@ class CropBuffers:
 
     ``views(i)`` gives sample ``i``'s destination arrays for ``MultiCropAugmentation.from_bytes(
     ..., out=...)``; with ``shared=True`` (DataLoader workers) the storage is allocated in shared
-    memory so handing the batch to the main process copies nothing either.
+    memory so handing the batch to the main process copies nothing either. ``dtype=torch.uint8``
+    holds the geometric-only crops of ``data.gpu_augment`` (``geometric_from_bytes``).
     """
 
-    def __init__(self, batch_size: int, cfg: CropConfig, shared: bool = False) -> None:
+    def __init__(self, batch_size: int, cfg: CropConfig, shared: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.batch_size = batch_size
         gs, ls = cfg.global_size, cfg.local_size
-        self.global_crops = torch.empty((cfg.n_global * batch_size, 3, gs, gs))
-        self.local_crops = torch.empty((cfg.n_local * batch_size, 3, ls, ls))
+        self.global_crops = torch.empty((cfg.n_global * batch_size, 3, gs, gs), dtype=dtype)
+        self.local_crops = torch.empty((cfg.n_local * batch_size, 3, ls, ls), dtype=dtype)
         if shared:
             self.global_crops.share_memory_()
             self.local_crops.share_memory_()

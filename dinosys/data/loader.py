@@ -17,6 +17,11 @@ Randomness: crops use ``default_rng([seed, epoch, position])`` per sample and ma
 ``default_rng([seed, epoch, first position of the batch, rank-independent tag])``, so results do
 not depend on the number of workers. Bad samples (see :mod:`dinosys.data.decode`) are replaced by
 a deterministic pseudo-random other sample of the same epoch, counted by reason and logged.
+
+``data.gpu_augment``: workers only decode, crop and flip; batches carry uint8 crops and the
+crops' photometric parameters under ``batch["photometric"]`` (same random draws), which
+:func:`dinosys.data.gpu_augment.apply_photometric` turns into the usual normalised crops on the
+training device.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dinosys.config import TrainConfig
-from dinosys.data.augment import MultiCropAugmentation
+from dinosys.data.augment import CropParams, MultiCropAugmentation
 from dinosys.data.collate import CropBuffers, assemble_ssl_batch
 from dinosys.data.decode import BadImageError
+from dinosys.data.gpu_augment import PARAMS_KEY, PhotometricParams
 from dinosys.data.masking import MaskGenerator
 from dinosys.data.order import EpochOrder
 from dinosys.data.sources import build_source
@@ -87,8 +93,9 @@ class SSLStream(IterableDataset):
             epoch, consumed = epoch + 1, 0
 
     def _load(self, order: EpochOrder, epoch: int, position: int, events: list,
-              out: dict[str, list[np.ndarray]]) -> int:
-        """Render the sample at ``position`` (or its replacement) into ``out``; return its label."""
+              out: dict[str, list[np.ndarray]]) -> tuple[int, list[CropParams] | None]:
+        """Render the sample at ``position`` (or its replacement) into ``out``; return its label
+        and, with ``data.gpu_augment`` (geometric crops only), its crop parameters."""
         seed = self.cfg.seed
         slot = position
         for attempt in range(MAX_REPLACEMENTS + 1):
@@ -97,10 +104,15 @@ class SSLStream(IterableDataset):
             try:
                 raw = self.sources[src].read(item)
                 where = raw.where
-                self.augment.from_bytes(raw.data, np.random.default_rng([seed, epoch, position]),
-                                        self.cfg.data.max_image_pixels, self.cfg.data.decoder,
+                rng = np.random.default_rng([seed, epoch, position])
+                data = self.cfg.data
+                if data.gpu_augment:
+                    _, params = self.augment.geometric_from_bytes(
+                        raw.data, rng, data.max_image_pixels, data.decoder, out=out)
+                    return raw.label, params
+                self.augment.from_bytes(raw.data, rng, data.max_image_pixels, data.decoder,
                                         out=out)
-                return raw.label
+                return raw.label, None
             except BadImageError as exc:
                 events.append((exc.reason, where, exc.detail))
             except Exception as exc:  # a decoder bug on odd data must not stop training
@@ -115,12 +127,21 @@ class SSLStream(IterableDataset):
         order = self.order(epoch)
         begin = first + self.rank * self.batch_size
         events: list = []
-        buffers = CropBuffers(self.batch_size, self.cfg.crops, shared=get_worker_info() is not None)
-        labels = [self._load(order, epoch, p, events, buffers.views(i))
-                  for i, p in enumerate(range(begin, begin + self.batch_size))]
+        gpu_augment = self.cfg.data.gpu_augment  # uint8 crops + photometric parameters
+        buffers = CropBuffers(self.batch_size, self.cfg.crops, shared=get_worker_info() is not None,
+                              dtype=torch.uint8 if gpu_augment else torch.float32)
+        photometric = PhotometricParams(self.batch_size, self.cfg.crops) if gpu_augment else None
+        labels = []
+        for i, p in enumerate(range(begin, begin + self.batch_size)):
+            label, crop_params = self._load(order, epoch, p, events, buffers.views(i))
+            labels.append(label)
+            if photometric is not None:
+                photometric.set_sample(i, crop_params)
         mask_rng = np.random.default_rng([self.cfg.seed, epoch, _STREAM_MASK, begin])
         batch = assemble_ssl_batch(buffers.global_crops, buffers.local_crops, labels,
                                    self.mask_gen, mask_rng)
+        if photometric is not None:
+            batch[PARAMS_KEY] = photometric.as_dict()
         return batch, events
 
     def __iter__(self) -> Iterator[tuple[dict, list, tuple[int, int]]]:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dinosys.config import TrainConfig
+from dinosys.data.gpu_augment import apply_photometric
 from dinosys.dist.env import DistEnv
 from dinosys.dist.fsdp import autocast_context, set_gradient_sync
 from dinosys.errors import UserError
@@ -107,6 +108,7 @@ class Trainer:
         total = torch.zeros((), device=self.env.device)
         logs: dict[str, float] = {}
         for i, batch in enumerate(batches):
+            batch = apply_photometric(batch, self.env.device)  # data.gpu_augment: colour ops here
             set_gradient_sync(modules, i == n - 1)
             with autocast_context(self.env, self.cfg.dist):
                 out = self.task.forward_loss(batch, sched)
