@@ -7,7 +7,12 @@ quality 90) made from the photos shipped in scikit-learn and scikit-image. Throu
 per CPU-second of this process (one core), so other load on the machine distorts it little.
 Prints a per-stage breakdown of where dinosys's time goes, and as the last line one JSON object.
 
-    python tools/bench_data.py [--images 96] [--batch 32]
+``--gpu-augment`` instead measures the CPU side of ``data.gpu_augment`` (decode, crop, resize,
+flip into uint8 batch tensors, photometric parameters, masks) against the full CPU pipeline, and
+times the photometric step (:func:`dinosys.data.gpu_augment.apply_photometric`, from pinned
+uint8 crops) on CUDA when present, and with torch on this CPU for comparison.
+
+    python tools/bench_data.py [--images 96] [--batch 32] [--gpu-augment]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from dinosys.config import CropConfig, MaskConfig
 from dinosys.data.augment import MultiCropAugmentation, random_resized_crop_box
 from dinosys.data.collate import CropBuffers, assemble_ssl_batch, collate_ssl
+from dinosys.data.gpu_augment import PARAMS_KEY, PhotometricParams, apply_photometric
 from dinosys.data.masking import MaskGenerator
 
 SIZES = ((500, 375), (1024, 768))
@@ -171,11 +177,118 @@ def run_dinosys(aug: MultiCropAugmentation, jpegs: list[bytes], n_images: int, b
     return n_images / (time.process_time() - start)
 
 
+def run_geometric(aug: MultiCropAugmentation, jpegs: list[bytes], n_images: int, batch: int,
+                  mask_gen: MaskGenerator, lap: StageClock | None = None,
+                  keep: list[dict] | None = None) -> float:
+    """Images per CPU-second for the CPU side of ``data.gpu_augment`` (what SSLStream.make_batch
+    does then): uint8 geometric crops into the batch tensors, photometric parameters, masks."""
+    start = time.process_time()
+    for first in range(0, n_images, batch):
+        n = min(batch, n_images - first)
+        buffers = CropBuffers(n, aug.cfg, dtype=torch.uint8)
+        params = PhotometricParams(n, aug.cfg)
+        for i in range(n):
+            if lap:
+                lap.reset()
+            _, crop_params = aug.geometric_from_bytes(
+                jpegs[(first + i) % len(jpegs)], np.random.default_rng(first + i), 10**9,
+                lap=lap, out=buffers.views(i))
+            params.set_sample(i, crop_params)
+        if lap:
+            lap.reset()
+        out = assemble_ssl_batch(buffers.global_crops, buffers.local_crops, [-1] * n, mask_gen,
+                                 np.random.default_rng(first))
+        out[PARAMS_KEY] = params.as_dict()
+        if lap:
+            lap("parameters + masks + batch dict")
+        if keep is not None:
+            keep.append(out)
+    return n_images / (time.process_time() - start)
+
+
+def time_photometric(batch: dict, device: str, repeats: int) -> float:
+    """Best wall seconds of ``apply_photometric`` on ``device`` for one batch (crops pinned
+    first on CUDA, as the DataLoader's pin_memory does)."""
+    if device == "cuda":
+        batch = {**batch, **{k: batch[k].pin_memory() for k in ("global_crops", "local_crops")}}
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    apply_photometric(batch, device)  # warm-up (kernels, allocator)
+    sync()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        apply_photometric(batch, device)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main_gpu_augment(args: argparse.Namespace, cfg: CropConfig, aug: MultiCropAugmentation,
+                     mask_gen: MaskGenerator, photos: list[np.ndarray]) -> None:
+    """``--gpu-augment``: the CPU side of data.gpu_augment vs the full CPU pipeline."""
+    cuda = torch.cuda.is_available()
+    rows, full_all, geo_all, by_size = [], [], [], {}
+    for size in SIZES:
+        name = f"{size[0]}x{size[1]}"
+        jpegs = make_jpegs(size, photos)
+        full, geo = 0.0, 0.0
+        for _ in range(args.repeats):  # alternate, so load changes hit both alike
+            full = max(full, run_dinosys(aug, jpegs, args.images, args.batch, mask_gen))
+            geo = max(geo, run_geometric(aug, jpegs, args.images, args.batch, mask_gen))
+        clock, kept = StageClock(), []
+        run_geometric(aug, jpegs, args.images, args.batch, mask_gen, lap=clock, keep=kept)
+        total = sum(clock.totals.values())
+        print(f"\nwhere the CPU side of gpu_augment spends its time, {name} "
+              f"({1e3 * total / args.images:.2f} ms/image):")
+        for stage, sec in sorted(clock.totals.items(), key=lambda kv: -kv[1]):
+            print(f"  {stage:<31} {1e3 * sec / args.images:7.3f} ms/image "
+                  f"{100 * sec / total:5.1f}%")
+        first = kept[0]
+        n_first = int(first["batch_size"])
+        few = min(8, n_first)  # torch on one CPU thread is slow: time a few images
+        small = {**first, PARAMS_KEY: {**first[PARAMS_KEY]}}
+        for key in ("global_crops", "local_crops"):
+            rows_of = torch.arange(first[key].shape[0]) % n_first < few
+            small[key] = first[key][rows_of]
+            small[PARAMS_KEY][key] = {k: v[rows_of] for k, v in first[PARAMS_KEY][key].items()}
+        cpu_ms = 1e3 * time_photometric(small, "cpu", 1) / few
+        cuda_ms = 1e3 * time_photometric(first, "cuda", 10) / n_first if cuda else None
+        rows.append((name, full, geo, cpu_ms, cuda_ms))
+        full_all.append(full)
+        geo_all.append(geo)
+        by_size[name] = {"full_cpu": round(full, 1), "cpu_side": round(geo, 1),
+                         "photometric_torch_cpu_ms_per_image": round(cpu_ms, 2),
+                         "photometric_cuda_ms_per_image": (round(cuda_ms, 4) if cuda_ms
+                                                           else None)}
+    print(f"\n{'JPEG size':<12}{'full CPU img/s/core':>20}{'CPU side of gpu_augment':>25}"
+          f"{'ratio':>7}{'torch CPU ms/img':>18}{'CUDA ms/img':>13}")
+    for name, full, geo, cpu_ms, cuda_ms in rows:
+        gpu_txt = f"{cuda_ms:.4f}" if cuda_ms is not None else "no CUDA"
+        print(f"{name:<12}{full:>20.1f}{geo:>25.1f}{geo / full:>7.2f}{cpu_ms:>18.1f}"
+              f"{gpu_txt:>13}")
+    full_g = math.exp(np.mean(np.log(full_all)))
+    geo_g = math.exp(np.mean(np.log(geo_all)))
+    print(f"{'geo. mean':<12}{full_g:>20.1f}{geo_g:>25.1f}{geo_g / full_g:>7.2f}")
+    print(json.dumps({"mode": "gpu_augment",
+                      "cpu_side_images_per_s_per_core": round(geo_g, 1),
+                      "full_cpu_images_per_s_per_core": round(full_g, 1),
+                      "ratio": round(geo_g / full_g, 2), "cuda": cuda,
+                      "cuda_device": torch.cuda.get_device_name() if cuda else None,
+                      "by_size": by_size, "pillow": PIL.__version__}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=96, help="images per measurement")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="best of N runs")
+    parser.add_argument("--gpu-augment", action="store_true",
+                        help="measure the CPU side of data.gpu_augment (photometric ops moved "
+                             "to the training device) against the full CPU pipeline")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = CropConfig()
@@ -186,6 +299,9 @@ def main() -> None:
     pillow = f"Pillow {PIL.__version__}" + (" (SIMD)" if "post" in PIL.__version__ else "")
     print(f"{pillow}, torch {torch.__version__}, {len(photos)} shipped photos, "
           f"{args.images} images x best of {args.repeats}, batch {args.batch}, 1 thread")
+    if args.gpu_augment:
+        main_gpu_augment(args, cfg, aug, mask_gen, photos)
+        return
     rows, ours_all, base_all = [], [], []
     for size in SIZES:
         jpegs = make_jpegs(size, photos)
