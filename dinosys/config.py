@@ -180,7 +180,7 @@ class DataConfig:
     shuffle_buffer: int = 2000  # samples per shuffle window (shards shuffled, then samples within)
     decoder: str = "auto"  # auto, simplejpeg, pil
     max_image_pixels: int = 89_478_485  # Pillow's decompression-bomb limit
-    gpu_augment: bool = False
+    gpu_augment: bool = False  # colour/blur/solarize on the training device (data/gpu_augment.py)
 
     def __post_init__(self) -> None:
         check_choice(self.decoder, ("auto", "simplejpeg", "pil"), "data.decoder")

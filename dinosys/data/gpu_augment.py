@@ -253,7 +253,7 @@ class PhotometricAugment:
             x.copy_(fn(x, picked))
             return
         idx = rows.to(x.device, non_blocking=True)
-        x.index_copy_(0, idx, fn(x.index_select(0, idx), picked))
+        x[idx] = fn(x[idx], picked)  # index_put: deterministic under use_deterministic_algorithms
 
     def apply(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The batch with normalised crops, on the device its crops are on (see the class)."""
