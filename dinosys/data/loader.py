@@ -191,6 +191,9 @@ class SSLLoader:
                             "data.batch_size_per_gpu): add data or lower the batch size")
         logger.info("SSL data: %s", ", ".join(f"{s.name} ({len(s)} samples, weight {w:g})"
                                                for s, w in zip(self.sources, self.weights)))
+        if cfg.data.gpu_augment and not torch.cuda.is_available():
+            logger.warning("data.gpu_augment is on without CUDA: the photometric ops run as "
+                           "torch ops on the CPU, slower than the default CPU path")
 
     @property
     def samples_per_epoch(self) -> int:
