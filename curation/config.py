@@ -62,11 +62,11 @@ class IndexConfig:
     kind: str = "auto"  # auto, flat, ivf, ivfpq
     flat_max: int = 100_000
     ivfpq_min: int = 20_000_000
-    nlist: int | None = None  # None: about 4*sqrt(N)
-    nprobe: int = 16
+    nlist: int | None = None  # None: about 2*sqrt(N)
+    nprobe: int = 8
     pq_m: int = 32  # PQ sub-quantisers (must divide the dimension)
     rerank_k: int = 128  # IVF-PQ: candidates per query re-scored by exact dot product
-    train_size: int = 262_144
+    train_size: int = 131_072
     use_gpu: bool = True  # when faiss sees GPUs
     query_batch: int = 65_536
 
