@@ -120,8 +120,11 @@ class Trainer:
                 return torch.tensor(float("nan")), logs
             (loss / n).backward()
             total += loss.detach() / n
+            keys = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+            values = torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist()
+            values_by_key = dict(zip(keys, values))  # one device sync for every logged scalar
             for key, value in out.items():
-                v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+                v = values_by_key[key] if key in values_by_key else float(value)
                 logs[key] = logs.get(key, 0.0) + v / n
         return total, logs
 
