@@ -100,6 +100,8 @@ def stage_embed(cfg: CurationConfig, part: tuple[int, int] = (0, 1),
     cols = items(cfg)
     ok = cols["status"] == "ok"
     rows = {k: v[ok] for k, v in cols.items()}
+    if not len(rows["id"]):
+        raise UserError(f"no readable images in the sources ({len(ok)} listed); check the paths")
     chunk_dir = stage.dir / f"chunks-{key}"
     total = n_chunks(len(rows["id"]), cfg.embed.chunk_size)
     fm = load_feature_model(cfg.embed.model, cfg.embed.mean, cfg.embed.std)
@@ -212,7 +214,8 @@ def stage_cluster(cfg: CurationConfig) -> dict:
     """Hierarchical k-means (with resampling) of the deduplicated pool."""
     work = work_dir(cfg)
     stage = Stage(work, "cluster")
-    key = digest("cluster", _need(Stage(work, "dedup"), "dedup"), to_dict(cfg.cluster))
+    cluster_cfg = {k: v for k, v in to_dict(cfg.cluster).items() if k != "target_size"}
+    key = digest("cluster", _need(Stage(work, "dedup"), "dedup"), cluster_cfg)
     if stage.is_done(key):
         return stage.summary()
     pool = pool_table(cfg)

@@ -144,3 +144,26 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path, curation_inputs: dict,
         lines = [ln for ln in proc.stderr.splitlines() if "dinosys-curate: error" in ln]
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_retrieval_cap_and_balancing_through_cli(tmp_path: Path, curation_inputs: dict,
+                                                 random_export: Path) -> None:
+    out = tmp_path / "work"
+    cfg = write_config(tmp_path / "c.yaml", curation_inputs, random_export, out, **{
+        "retrieve.queries": [{"path": str(curation_inputs["eval"]), "name": "queries"}],
+        "retrieve.mode": "both", "retrieve.k": 6, "retrieve.min_queries": 0,
+        "retrieve.per_cluster": 4, "retrieve.per_source_cap": 3, "cluster.target_size": 5})
+    assert main(["run", str(cfg)]) == 0
+    m = pq.read_table(out / "shards" / "manifest.parquet").to_pydict()
+    kept = [i for i, s in enumerate(m["status"]) if s == "kept"]
+    assert 0 < len(kept) <= 5
+    assert all(m["selection_reason"][i].startswith("retrieval:") for i in kept)
+    per_source: dict[str, int] = {}
+    for i in kept:
+        per_source[m["source"][i]] = per_source.get(m["source"][i], 0) + 1
+    assert max(per_source.values()) <= 3
+    reasons = set(m["reason"])
+    assert "not_retrieved" in reasons and "retrieval_source_cap" in reasons
+    assert "queries" in m["source"] and "query" in m["role"]
+    summary = json.loads((out / "retrieve" / "DONE.json").read_text())["summary"]
+    assert summary["selected"] == len(kept) and summary["capped"] > 0
