@@ -105,3 +105,48 @@ def train_copy_backbone(images: Sequence[Image.Image], out_dir: Path, steps: int
     return {"steps": len(losses), "first_loss": losses[0],
             "last_loss": float(np.mean(losses[-10:])),
             "seconds": round(time.time() - start, 1)}
+
+
+TRAIN_PHOTOS = ("motorcycle_left", "motorcycle_right")  # never planted by the quality test
+
+
+def training_images(builtin_dir: Path, n_mnist: int = 400, crops_per_photo: int = 100,
+                    seed: int = 0) -> list[Image.Image]:
+    """Training images from the embedded data (``dinosys data builtin``): MNIST train digits and
+    random crops of photos that the quality test does not use as planted originals."""
+    rng = np.random.default_rng(seed)
+    mnist = sorted((builtin_dir / "mnist" / "train").rglob("*.png"))[::10][:n_mnist]
+    images = [Image.open(p).convert("RGB").resize((64, 64), Image.BICUBIC) for p in mnist]
+    for name in TRAIN_PHOTOS:
+        img = Image.open(next((builtin_dir / "photos").glob(f"{name}.*"))).convert("RGB")
+        w, h = img.size
+        for _ in range(crops_per_photo):
+            s = rng.uniform(0.2, 0.6)
+            cw, ch = int(w * s), int(h * s)
+            x0, y0 = int(rng.integers(0, w - cw)), int(rng.integers(0, h - ch))
+            images.append(img.crop((x0, y0, x0 + cw, y0 + ch)))
+    return images
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m curation.copy_train OUT [--data DIR] [--steps N]``: train + export."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="train a small copy-detection backbone and export it")
+    p.add_argument("out", help="export directory to write")
+    p.add_argument("--data", default="data/builtin", help="embedded data (dinosys data builtin)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--max-seconds", type=float, default=None)
+    args = p.parse_args(argv)
+    from dinosys.data.builtin import build_builtin
+
+    build_builtin(Path(args.data))
+    info = train_copy_backbone(training_images(Path(args.data)), Path(args.out), steps=args.steps,
+                               batch_size=64, max_seconds=args.max_seconds)
+    print(json.dumps(info, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
