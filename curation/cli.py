@@ -101,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # CPU-feature probing noise
     return run_cli(build_parser(), argv, "dinosys-curate")
 
 
