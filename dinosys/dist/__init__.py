@@ -1,0 +1,1 @@
+"""Distributed training: launcher detection (env), FSDP2 wrapping (fsdp), checkpoints."""
