@@ -27,6 +27,7 @@ training device.
 from __future__ import annotations
 
 import logging
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -157,6 +158,17 @@ class SSLStream(IterableDataset):
             yield None, [("fatal", "", str(exc))], (-1, -1)
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader worker start-up: ignore SIGUSR2, the trainer's preemption signal.
+
+    Slurm's ``--signal=USR2@T`` (what launch/submit.py asks for) reaches every process of the job
+    step, and ``kill -USR2 -- -PGID`` the whole group: a worker killed by it would crash the run
+    instead of letting the main process save its preemption checkpoint. SIGTERM keeps its default
+    action because multiprocessing ends workers with it at exit.
+    """
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class SSLLoader:
     """Infinite iterable of SSL batch dicts with a resumable position (see the module docstring).
 
@@ -258,7 +270,8 @@ class SSLLoader:
             generator = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
             it = iter(DataLoader(stream, batch_size=None, num_workers=workers,
                                  pin_memory=torch.cuda.is_available(), prefetch_factor=2,
-                                 persistent_workers=False, generator=generator))
+                                 persistent_workers=False, generator=generator,
+                                 worker_init_fn=ignore_preemption_signals))
         else:
             it = iter(stream)
         try:

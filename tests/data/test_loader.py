@@ -163,3 +163,33 @@ def test_user_errors(id_shards: Path) -> None:
         build_ssl_loader(_shard_cfg(id_shards), 0, 1, 14)
     with pytest.raises(UserError, match="version"):
         build_ssl_loader(_shard_cfg(id_shards), 0, 1, PATCH).load_state_dict({"version": 99})
+
+
+_SIGNAL_WHOLE_GROUP = """
+import itertools, os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from data_helpers import tiny_config
+from dinosys.data.loader import build_ssl_loader
+got = []
+signal.signal(signal.SIGUSR2, lambda s, f: got.append(s))
+cfg = tiny_config([(sys.argv[1] + "/{000000..000002}.tar", 1.0)], workers=2)
+it = iter(build_ssl_loader(cfg, 0, 1, 8))
+next(it)
+os.killpg(0, signal.SIGUSR2)  # what Slurm's --signal=USR2@T does: every process of the step
+batches = list(itertools.islice(it, 10))
+print("ok", len(batches), sorted(set(got)))
+"""
+
+
+def test_workers_survive_preemption_signals_sent_to_the_whole_group(id_shards: Path) -> None:
+    """The trainer turns SIGUSR2 into a checkpoint; the loader workers must not die of it."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_WHOLE_GROUP, str(id_shards),
+                           str(Path(__file__).parent)], capture_output=True, text=True,
+                          timeout=120, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[:2] == ["ok", "10"]
+    assert f"[{int(signal.SIGUSR2)}]" in proc.stdout
