@@ -171,10 +171,12 @@ sys.path.insert(0, sys.argv[2])
 from data_helpers import tiny_config
 from dinosys.data.loader import build_ssl_loader
 got = []
-signal.signal(signal.SIGUSR2, lambda s, f: got.append(s))
 cfg = tiny_config([(sys.argv[1] + "/{000000..000002}.tar", 1.0)], workers=2)
 it = iter(build_ssl_loader(cfg, 0, 1, 8))
 next(it)
+# installed after the workers forked, so they do not inherit it (as when a trainer installs its
+# handler late, or workers are spawned)
+signal.signal(signal.SIGUSR2, lambda s, f: got.append(s))
 os.killpg(0, signal.SIGUSR2)  # what Slurm's --signal=USR2@T does: every process of the step
 batches = list(itertools.islice(it, 10))
 print("ok", len(batches), sorted(set(got)))
