@@ -1,51 +1,30 @@
-"""Image folders (``DIR/<class>/<image>``) loaded into memory, preprocessed for evaluation."""
+"""Evaluation image folders (``DIR/<class>/<image>``): resize + centre-crop + normalise.
+
+An :class:`ImageSet` describes a folder; its pixels are decoded on demand in DataLoader workers,
+so evaluation sets of any size stream through the model. Small sets (by default up to 1 GiB of
+preprocessed pixels, e.g. MNIST for the periodic kNN during training) are decoded once and kept.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
+from dinosys.data.decode import BadImageError, decode_image
+from dinosys.data.folder import ImageFolder
 from dinosys.errors import UserError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class ImageSet:
-    """Preprocessed images (n, 3, S, S), their labels (n,) and the class names."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-
-
-def folder_samples(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """``(path, label)`` pairs and sorted class names of ``root/<class>/<image>``."""
-    try:
-        from dinosys.data.folder import ImageFolder
-    except ImportError:
-        ImageFolder = None  # noqa: N806
-    if not root.is_dir():
-        raise UserError(f"image folder not found: {root} (expected DIR/<class>/<image>)")
-    if ImageFolder is not None:
-        folder = ImageFolder(root)
-        samples = [(Path(p), int(label)) for p, label in folder.samples]
-        classes = list(folder.classes)
-    else:
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        samples = [(p, label) for label, c in enumerate(classes)
-                   for p in sorted((root / c).iterdir())
-                   if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not samples:
-        raise UserError(f"no images under {root} (expected DIR/<class>/<image>)")
-    return samples, classes
+MAX_PIXELS = 178_956_970  # twice Pillow's bomb limit: evaluation images are trusted folders
+PRELOAD_BYTES = 1 << 30
 
 
 def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]
@@ -63,25 +42,71 @@ def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence
     return (arr - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-_CACHE: dict[tuple, ImageSet] = {}
+class _FolderImages(Dataset):
+    """(preprocessed image, label) of each sample; an unreadable image is a UserError."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], size: int,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        self.samples, self.size, self.mean, self.std = list(samples), size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        try:
+            img = decode_image(Path(path).read_bytes(), MAX_PIXELS, draft_size=(self.size,) * 2)
+        except (OSError, BadImageError) as exc:
+            raise UserError(f"cannot read evaluation image {path}: {exc}") from exc
+        return preprocess(img, self.size, self.mean, self.std), label
+
+
+@dataclass
+class ImageSet:
+    """An evaluation folder: samples, labels, class names and its preprocessing."""
+
+    samples: list[tuple[Path, int]]
+    classes: list[str]
+    size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    images: torch.Tensor | None = field(default=None, repr=False)  # preloaded (n, 3, S, S)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([label for _, label in self.samples], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batches(self, batch_size: int, num_workers: int | None = None) -> Iterator[torch.Tensor]:
+        """Preprocessed images in order, ``batch_size`` at a time (parallel decode)."""
+        if self.images is not None:
+            for start in range(0, len(self.images), batch_size):
+                yield self.images[start:start + batch_size]
+            return
+        if num_workers is None:
+            num_workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+        dataset = _FolderImages(self.samples, self.size, self.mean, self.std)
+        for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                    pin_memory=torch.cuda.is_available()):
+            yield images
+
+    def preload(self) -> ImageSet:
+        """Decode every image once and keep the tensor (small sets only)."""
+        if self.images is None:
+            self.images = torch.cat(list(self.batches(256))) if self.samples else None
+        return self
 
 
 def load_image_folder(root: Path, size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                      std: Sequence[float] = IMAGENET_STD, cache: bool = True) -> ImageSet:
-    """Every image of ``root/<class>/`` preprocessed into one tensor (cached per process)."""
-    root = Path(root)
-    key = (str(root.resolve()), size, tuple(mean), tuple(std))
-    if cache and key in _CACHE:
-        return _CACHE[key]
-    samples, classes = folder_samples(root)
-    images = torch.empty(len(samples), 3, size, size)
-    for i, (path, _) in enumerate(samples):
-        try:
-            with Image.open(path) as img:
-                images[i] = preprocess(img, size, mean, std)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read image {path}: {exc}") from exc
-    result = ImageSet(images, torch.tensor([label for _, label in samples]), classes)
-    if cache:
-        _CACHE[key] = result
-    return result
+                      std: Sequence[float] = IMAGENET_STD,
+                      preload_bytes: int = PRELOAD_BYTES) -> ImageSet:
+    """The folder ``root/<class>/<image>`` as an :class:`ImageSet`; preloaded when its
+    preprocessed pixels take at most ``preload_bytes``."""
+    folder = ImageFolder(root)  # raises UserError for a missing or empty folder
+    samples = [(Path(p), int(label)) for p, label in folder.samples]
+    image_set = ImageSet(samples, list(folder.classes), size, tuple(mean), tuple(std))
+    if len(samples) * 3 * size * size * 4 <= preload_bytes:
+        image_set.preload()
+    return image_set

@@ -24,17 +24,17 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
+def extract_features(model: nn.Module, images: ImageSet, batch_size: int = 256,
                      device: torch.device | str = "cpu", progress: str | None = None
                      ) -> torch.Tensor:
-    """L2-normalised CLS features (n, D), fp32 on CPU, of preprocessed ``images`` (n, C, H, W)."""
+    """L2-normalised CLS features (n, D), fp32 on CPU, of every image of ``images`` (streamed)."""
     from tqdm import tqdm
 
     feats = []
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
-        out = model(x)
+    n_batches = -(-len(images) // batch_size)
+    for batch in tqdm(images.batches(batch_size), total=n_batches, desc=progress,
+                      disable=progress is None, leave=False):
+        out = model(batch.to(device, non_blocking=True))
         cls = out["x_norm_clstoken"] if isinstance(out, dict) else out
         feats.append(F.normalize(cls.float(), dim=-1).cpu())
     return torch.cat(feats) if feats else torch.zeros(0, 0)
@@ -76,16 +76,16 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
 def knn_eval_module(model: nn.Module, train: ImageSet, val: ImageSet, ks: Sequence[int] = (10, 20),
                     temperature: float = 0.07, batch_size: int = 256,
                     device: torch.device | str = "cpu", progress: bool = False) -> dict:
-    """kNN accuracy of an in-memory backbone on two preloaded image sets (same class names)."""
+    """kNN accuracy of an in-memory backbone on two image sets (same class names)."""
     if train.classes != val.classes:
         raise UserError(f"train and val folders have different classes: {train.classes} vs "
                         f"{val.classes}")
     was_training = model.training
     model.eval()
     try:
-        tf = extract_features(model, train.images, batch_size, device,
+        tf = extract_features(model, train, batch_size, device,
                               "knn train features" if progress else None)
-        vf = extract_features(model, val.images, batch_size, device,
+        vf = extract_features(model, val, batch_size, device,
                               "knn val features" if progress else None)
     finally:
         model.train(was_training)
