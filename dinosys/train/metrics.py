@@ -54,13 +54,22 @@ class MetricsWriter:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
+        self._tb_factory = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._tb_factory = SummaryWriter
             except ImportError:
                 log.warning("log.tensorboard is on but tensorboard is not installed; skipping it")
+        self._tb_dir = Path(run_dir) / "tensorboard"
+
+    def _tensorboard(self, first_step: int):  # noqa: ANN202 (SummaryWriter is optional)
+        """The TensorBoard writer, created at the first logged step: ``purge_step`` drops the
+        events a killed run logged after its last checkpoint, which this run logs again."""
+        if self.tb is None and self._tb_factory is not None:
+            self.tb = self._tb_factory(str(self._tb_dir), purge_step=first_step)
+        return self.tb
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (flat dict with a ``step``) as one JSON line, and to TensorBoard."""
@@ -69,7 +78,7 @@ class MetricsWriter:
         record = {k: _plain(v) for k, v in record.items()}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
-        if self.tb is not None:
+        if self._tensorboard(int(record["step"])) is not None:
             for key, value in record.items():
                 numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if key != "step" and numeric:

@@ -59,3 +59,22 @@ def test_missing_tensorboard_warns_and_keeps_the_jsonl(tmp_path: Path, monkeypat
     writer.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 2.5}
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_resumed_run_replaces_the_steps_logged_after_the_checkpoint(tmp_path: Path) -> None:
+    """A killed run logged steps 1-3 but checkpointed at 2; the resumed run logs 3 again.
+    TensorBoard must show each step once, with the resumed values."""
+    from dinosys.train.metrics import MetricsWriter
+
+    first = MetricsWriter(tmp_path, enabled=True, tensorboard=True)
+    for step in (1, 2, 3):
+        first.write({"step": step, "loss": float(step)})
+    first.close()
+    resumed = MetricsWriter(tmp_path, enabled=True, tensorboard=True)
+    for step in (3, 4):
+        resumed.write({"step": step, "loss": 10.0 * step})
+    resumed.close()
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    points = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert points == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
