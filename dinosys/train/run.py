@@ -37,19 +37,24 @@ def total_steps_of(cfg: TrainConfig) -> int:
 
 
 def ensure_builtin_sources(cfg: TrainConfig, env: DistEnv) -> None:
-    """Build the embedded data when a source points into a missing builtin folder
-    (``<root>/mnist/train``, ``<root>/shards/mnist`` ...), on rank 0, others wait."""
+    """Build the embedded data when a data source or a periodic-kNN folder points into a missing
+    builtin folder (``<root>/mnist/train``, ``<root>/shards/mnist`` ...), on rank 0; others wait."""
     if not cfg.data.sources:
         raise UserError("no training data: set data.sources (e.g. data.sources=[{path: DIR}]) "
                         "or use the mnist_tiny_cpu recipe")
+    paths = [("training data", src.path) for src in cfg.data.sources]
+    if cfg.eval.knn_every_n_steps:
+        paths += [("eval.knn_train", cfg.eval.knn_train), ("eval.knn_val", cfg.eval.knn_val)]
     roots: dict[str, list[str]] = {}
-    for src in cfg.data.sources:
-        path = Path(src.path)
-        if path.exists() or any(ch in src.path for ch in "{}*"):
+    for what, text in paths:
+        if not text:
+            continue  # a missing kNN folder is reported by the kNN set-up
+        path = Path(text)
+        if path.exists() or any(ch in text for ch in "{}*"):
             continue
         match = _BUILTIN_PATH.match(path.as_posix())
         if match is None:
-            raise UserError(f"training data not found: {src.path}")
+            raise UserError(f"{what} not found: {text}")
         roots.setdefault(match.group("root") or ".", []).append(match.group("set"))
     if roots and env.is_main:
         from dinosys.data.builtin import build_builtin

@@ -87,3 +87,20 @@ def test_stops_after_too_many_nonfinite_steps(tiny_cfg, tmp_path: Path) -> None:
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert kept == ["step_00000002"]
     assert not (run / "export").exists()
+
+
+def test_missing_builtin_knn_folders_are_built(tiny_cfg, tmp_path: Path) -> None:
+    """A recipe whose periodic kNN points at the embedded MNIST gets it built on a fresh
+    machine (the training data alone is not enough to trigger the build)."""
+    from dinosys.dist.env import DistEnv
+    from dinosys.train.run import ensure_builtin_sources
+
+    root = tmp_path / "data" / "builtin"
+    cfg = tiny_cfg("eval.knn_every_n_steps=5", f"eval.knn_train={root / 'mnist' / 'train'}",
+                   f"eval.knn_val={root / 'mnist' / 'val'}")
+    ensure_builtin_sources(cfg, DistEnv())
+    assert len(list((root / "mnist" / "val").rglob("*.png"))) == 1000
+    cfg = tiny_cfg("eval.knn_every_n_steps=5", f"eval.knn_train={tmp_path / 'nowhere'}",
+                   f"eval.knn_val={root / 'mnist' / 'val'}")
+    with pytest.raises(UserError, match="eval.knn_train not found"):
+        ensure_builtin_sources(cfg, DistEnv())
