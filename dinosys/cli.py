@@ -47,11 +47,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dinosys.config import TrainConfig, load_config
 
     cfg = load_config(TrainConfig, args.config, args.overrides, kind="train")
+    from dinosys.dist.env import detect_layout
     from dinosys.train.run import run_train  # after the config: bad input fails before torch loads
 
+    _, rank, world_size, _ = detect_layout()
+    if world_size > 1 and not args.out:
+        raise UserError("a multi-rank run needs --out RUN: every rank must write to the same "
+                        "run directory (a default name differs between ranks)")
     run_dir = Path(args.out) if args.out else default_run_dir(cfg.name)
     summary = run_train(cfg, run_dir)
-    print_json(summary)
+    if rank == 0:  # one summary per job, not one per rank
+        print_json(summary)
     return 0
 
 

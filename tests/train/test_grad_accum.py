@@ -120,7 +120,7 @@ def test_torchrun_two_ranks_with_grad_accum(tiny_args, tiny_cfg, tmp_path: Path)
                      *overrides], timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert summaries and all(s["status"] == "finished" and s["step"] == steps
+    assert len(summaries) == 1 and all(s["status"] == "finished" and s["step"] == steps
                              for s in summaries)
 
     records = [r for r in (json.loads(line) for line in
