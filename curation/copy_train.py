@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance
 
-from curation.embed import preprocess
+from dinosys.eval.images import preprocess
 
 log = logging.getLogger(__name__)
 

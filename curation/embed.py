@@ -9,7 +9,6 @@ chunks. When every chunk exists, :func:`merge_chunks` concatenates them in id or
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -25,35 +23,10 @@ from curation.backbone import FeatureModel, extract
 from curation.config import EmbedConfig
 from curation.ingest import read_item_bytes
 from curation.store import load_npy, save_json, save_npy
+from dinosys.data.decode import decode_image
+from dinosys.eval.images import preprocess
 
 log = logging.getLogger(__name__)
-
-
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode with dinosys' decoder (typed BadImageError); a PIL fallback until it exists."""
-    try:
-        from dinosys.data.decode import decode_image
-    except ImportError:
-        decode_image = None
-    if decode_image is not None:
-        return decode_image(data, max_pixels)
-    with Image.open(io.BytesIO(data)) as img:
-        if img.width * img.height > max_pixels:
-            raise ValueError(f"image too large ({img.width}x{img.height})")
-        img.load()
-        return img.convert("RGB")
-
-
-def preprocess(img: Image.Image, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
-    """Resize the shorter side to ``size`` (bicubic), centre-crop, normalise -> (3, size, size)."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    return (arr - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
 class ImageRows(Dataset):
@@ -72,7 +45,7 @@ class ImageRows(Dataset):
         try:
             data = read_item_bytes(str(r["path"][i]), str(r["member"][i]), int(r["offset"][i]),
                                    int(r["size"][i]))
-            img = decode(data, self.cfg.max_image_pixels)
+            img = decode_image(data, self.cfg.max_image_pixels)
             return preprocess(img, size, self.mean, self.std), int(r["id"][i]), "", *img.size
         except Exception as exc:  # any decode failure is recorded, never fatal
             reason = str(exc) if hasattr(exc, "reason") else f"{type(exc).__name__}: {exc}"
