@@ -9,6 +9,7 @@ so the result does not depend on how rows are split over ranks. Works on CPU (gl
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -38,23 +39,74 @@ def assign(x: np.ndarray | torch.Tensor, centroids: np.ndarray | torch.Tensor,
     return labels.numpy(), dists.numpy()
 
 
+# CPU scores per matrix product (rows x k floats): small enough to stay in cache, large enough
+# for an efficient GEMM; about 1.7x faster than one chunk_size x k product on 256-d data
+_CPU_SCORE_BLOCK = 1 << 22
+
+
 def _assign_torch(x: torch.Tensor, c: torch.Tensor, chunk_size: int,
                   sums: torch.Tensor | None = None,
                   counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every row as argmax of ``x.c - |c|^2/2`` (= argmin of ``|x - c|^2``),
+    its squared distance, and optionally the per-cluster row sums and counts (``index_add_``).
+
+    Rows move to the centroids' device ``chunk_size`` at a time. On CPU, blocks of about
+    ``_CPU_SCORE_BLOCK`` scores are spread over one Python thread per torch thread, each running
+    single-threaded torch with its own partial sums: many short parallel regions (one per
+    block) slowed k-means 2-3x whenever another process held a core.
+    """
     c = c.float()
-    half_norm = 0.5 * (c * c).sum(1)
+    neg_half_norm = -0.5 * (c * c).sum(1)
     labels = torch.empty(len(x), dtype=torch.long, device=x.device)
     dists = torch.empty(len(x), dtype=torch.float32, device=x.device)
-    for lo in range(0, len(x), chunk_size):
-        xc = x[lo: lo + chunk_size].to(c.device).float()
-        score = xc @ c.T - half_norm  # argmax of x.c - |c|^2/2 = argmin of |x - c|^2
-        best, idx = score.max(dim=1)
-        labels[lo: lo + len(xc)] = idx.to(labels.device)
-        dists[lo: lo + len(xc)] = ((xc * xc).sum(1) - 2 * best).clamp_min(0).to(dists.device)
-        if sums is not None and counts is not None:
-            sums.index_add_(0, idx, xc)
-            counts.index_add_(0, idx, torch.ones_like(best, dtype=counts.dtype))
+    if c.device.type != "cpu":
+        _assign_blocks(x, c, neg_half_norm, range(0, len(x), chunk_size), chunk_size, labels,
+                       dists, sums, counts)
+        return labels, dists
+    block = max(1, min(chunk_size, _CPU_SCORE_BLOCK // max(1, len(c))))
+    starts = range(0, len(x), block)
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers <= 1:
+        _assign_blocks(x, c, neg_half_norm, starts, block, labels, dists, sums, counts)
+        return labels, dists
+    with_stats = sums is not None and counts is not None
+    partial = [(torch.zeros_like(sums), torch.zeros_like(counts)) if with_stats else (None, None)
+               for _ in range(workers)]
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda w: _assign_blocks(x, c, neg_half_norm, starts[w::workers], block,
+                                                   labels, dists, *partial[w]), range(workers)))
+    finally:
+        torch.set_num_threads(torch_threads)
+    if with_stats:
+        for part_sums, part_counts in partial:  # fixed order: deterministic for a thread count
+            sums += part_sums
+            counts += part_counts
     return labels, dists
+
+
+def _assign_blocks(x: torch.Tensor, c: torch.Tensor, neg_half_norm: torch.Tensor,
+                   starts: range, block: int, labels: torch.Tensor, dists: torch.Tensor,
+                   sums: torch.Tensor | None, counts: torch.Tensor | None) -> None:
+    """:func:`_assign_torch` for the row blocks starting at ``starts`` (``addmm`` into one
+    reused score buffer); writes their labels and distances, adds to ``sums``/``counts``."""
+    n_max = min(block, max(1, len(x)))
+    scores = torch.empty(n_max, len(c), dtype=torch.float32, device=c.device)
+    best = torch.empty(n_max, dtype=torch.float32, device=c.device)
+    idx = torch.empty(n_max, dtype=torch.long, device=c.device)
+    for lo in starts:
+        xb = x[lo: lo + block].to(c.device).float()
+        nb = len(xb)
+        s, b, i = scores[:nb], best[:nb], idx[:nb]
+        torch.addmm(neg_half_norm, xb, c.T, out=s)
+        torch.max(s, dim=1, out=(b, i))
+        labels[lo: lo + nb] = i.to(labels.device)
+        dists[lo: lo + nb] = ((xb * xb).sum(1) - 2 * b).clamp_min(0).to(dists.device)
+        if sums is not None and counts is not None:
+            sums.index_add_(0, i, xb)
+            counts.index_add_(0, i, torch.ones(nb, dtype=counts.dtype, device=c.device))
 
 
 def _world() -> tuple[int, int]:
@@ -110,8 +162,9 @@ def kmeans_plusplus(sample: torch.Tensor, k: int, seed: int, rounds: int = 100) 
         new = new.to(sample.device)
         chosen.extend(new.tolist())
         c = sample[new]
-        dn = sq[:, None] - 2 * sample @ c.T + (c * c).sum(1)[None, :]
-        d2 = torch.minimum(d2, dn.min(dim=1).values.clamp_min(0))
+        # min_j |x - c_j|^2 = |x|^2 + min_j (|c_j|^2 - 2 x.c_j): one addmm, no sample-sized copy
+        dn = torch.addmm((c * c).sum(1)[None, :], sample, c.T, alpha=-2)
+        d2 = torch.minimum(d2, (dn.min(dim=1).values + sq).clamp_min(0))
     return sample[torch.tensor(chosen[:k], device=sample.device)].clone()
 
 

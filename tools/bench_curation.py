@@ -2,7 +2,10 @@
 (b) k-means (ours, torch) next to faiss.Kmeans defaults in the same run, (c) embedding images/s.
 
     python tools/bench_curation.py            # full: 1M vectors, k-means 1M -> 10k
-    python tools/bench_curation.py --small    # CI size: 50k vectors, k-means 50k -> 500
+    python tools/bench_curation.py --small    # CI size: 120k vectors, k-means 50k -> 500
+
+The small dedup size is above ``IndexConfig.flat_max``, so CI runs the same IVF search as the
+full benchmark (the JSON names the index kind). ``--threads N`` pins faiss and torch threads.
 
 Prints a table and, as the last line, one JSON object.
 """
@@ -17,13 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation import dedup as dd  # noqa: E402
 from curation.config import EmbedConfig, IndexConfig  # noqa: E402
-from curation.knn import knn  # noqa: E402
+from curation.knn import choose_kind, default_nlist, knn  # noqa: E402
 
 
 def synthetic(n: int, d: int, seed: int = 0, frac_dup: float = 0.05) -> tuple[np.ndarray, dict]:
@@ -50,10 +55,28 @@ def synthetic(n: int, d: int, seed: int = 0, frac_dup: float = 0.05) -> tuple[np
     return x, {"pairs": planted, "copies": pos}
 
 
-def bench_dedup(n: int, d: int, threshold: float, k: int, nprobe: int) -> dict:
+def exact_pairs_above(x: np.ndarray, queries: np.ndarray, threshold: float,
+                      k: int) -> list[tuple[int, int]]:
+    """Pairs (query, j) with x[query].x[j] > threshold among each query's best ``k - 1``
+    others, by brute force over all rows (torch matrix products, 100 queries at a time)."""
+    xt = torch.from_numpy(x)
+    pairs = []
+    for lo in range(0, len(queries), 100):
+        block = queries[lo: lo + 100]
+        qsims = (xt[torch.from_numpy(block)] @ xt.T).numpy()
+        qsims[np.arange(len(block)), block] = -1
+        for row, qi in enumerate(block):
+            nbrs = np.flatnonzero(qsims[row] > threshold)
+            nbrs = nbrs[np.argsort(-qsims[row, nbrs], kind="stable")][: k - 1]
+            pairs.extend((int(qi), int(j)) for j in nbrs)
+    return pairs
+
+
+def bench_dedup(n: int, d: int, threshold: float, k: int, nprobe: int,
+                kind: str = "auto") -> dict:
     """kNN graph + components; recall/precision vs planted pairs and vs exact search."""
     x, truth = synthetic(n, d)
-    cfg = IndexConfig(nprobe=nprobe)
+    cfg = IndexConfig(kind=kind, nprobe=nprobe)
     t0 = time.perf_counter()
     sims, ids = knn(x, k, cfg, progress=False)
     t_knn = time.perf_counter() - t0
@@ -71,28 +94,21 @@ def bench_dedup(n: int, d: int, threshold: float, k: int, nprobe: int) -> dict:
     # recall against exact search on a sample of queries (brute force over all N)
     rng = np.random.default_rng(1)
     q = np.sort(rng.choice(n, size=min(n, 2000), replace=False))
-    exact_pairs, approx_pairs = 0, 0
-    for lo in range(0, len(q), 100):  # blocks keep the exact similarity rows small
-        block = q[lo: lo + 100]
-        qsims = x[block] @ x.T
-        qsims[np.arange(len(block)), block] = -1
-        for row, qi in enumerate(block):
-            nbrs = np.flatnonzero(qsims[row] > threshold)
-            nbrs = nbrs[np.argsort(-qsims[row, nbrs])][: k - 1]
-            exact_pairs += len(nbrs)
-            approx_pairs += sum((min(qi, j), max(qi, j)) in found for j in nbrs)
-    return {"n": n, "dim": d, "seconds": round(wall, 1), "knn_seconds": round(t_knn, 1),
+    exact = exact_pairs_above(x, q, threshold, k)
+    hits = sum((min(a, b), max(a, b)) in found for a, b in exact)
+    kind = choose_kind(n, cfg)
+    return {"n": n, "dim": d, "index": kind, "nprobe": nprobe if kind != "flat" else None,
+            "nlist": (cfg.nlist or default_nlist(n)) if kind != "flat" else None,
+            "seconds": round(wall, 1), "knn_seconds": round(t_knn, 1),
             "planted_pairs": len(pset), "recall_planted": round(recall_planted, 4),
             "precision_planted": round(precision_planted, 4),
             "planted_same_group": round(float(same.mean()), 4),
-            "recall_vs_exact": round(approx_pairs / max(1, exact_pairs), 4),
+            "exact_pairs": len(exact), "recall_vs_exact": round(hits / max(1, len(exact)), 4),
             "removed": int((~res.keep).sum())}
 
 
 def bench_kmeans(n: int, d: int, k: int, n_iter: int) -> dict:
     """Our torch k-means vs faiss.Kmeans with its defaults (niter=25) on the same data."""
-    import faiss
-
     from curation.kmeans import inertia, kmeans_torch
 
     x, _ = synthetic(n, d, seed=2, frac_dup=0.0)
@@ -111,11 +127,10 @@ def bench_kmeans(n: int, d: int, k: int, n_iter: int) -> dict:
 
 def bench_embed(n_images: int, arch: str, img_size: int, workers: int) -> dict:
     """Images/s of the embed stage (decode + preprocess + forward) on synthetic JPEGs."""
-    import torch
     from PIL import Image
 
     from curation.backbone import load_feature_model
-    from curation.embed import embed_chunks
+    from curation.embed import embed_chunks, resolve_device
     from dinosys.export import save_native
     from dinosys.models import create_backbone
 
@@ -142,31 +157,39 @@ def bench_embed(n_images: int, arch: str, img_size: int, workers: int) -> dict:
         embed_chunks(fm, rows, cfg, tmp / "out", progress=False)
         wall = time.perf_counter() - t0
     return {"arch": arch, "img_size": img_size, "images": n_images,
-            "images_per_s": round(n_images / wall, 1), "device": cfg.device}
+            "images_per_s": round(n_images / wall, 1),
+            "device": str(resolve_device(cfg.device))}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="CI size")
-    p.add_argument("--n", type=int, help="dedup vectors (default 1M, small 50k)")
+    p.add_argument("--n", type=int, help="dedup vectors (default 1M, small 120k)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--threshold", type=float, default=0.6)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--nprobe", type=int, default=IndexConfig().nprobe)
+    p.add_argument("--index-kind", default="auto", choices=("auto", "flat", "ivf", "ivfpq"))
     p.add_argument("--kmeans-n", type=int, help="default 1M, small 50k")
     p.add_argument("--kmeans-k", type=int, help="default 10k, small 500")
     p.add_argument("--kmeans-iters", type=int, default=25, help="faiss.Kmeans default: 25")
     p.add_argument("--embed-images", type=int, default=None)
     p.add_argument("--embed-arch", default="vits14")
     p.add_argument("--skip", default="", help="comma list of dedup,kmeans,embed to skip")
+    p.add_argument("--threads", type=int, help="faiss and torch threads (default: all cores)")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    n = args.n or (50_000 if args.small else 1_000_000)
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    n = args.n or (120_000 if args.small else 1_000_000)
     kn = args.kmeans_n or (50_000 if args.small else 1_000_000)
     kk = args.kmeans_k or (500 if args.small else 10_000)
-    result: dict = {"small": args.small}
+    result: dict = {"small": args.small, "threads": {"faiss": faiss.omp_get_max_threads(),
+                                                     "torch": torch.get_num_threads()}}
     if "dedup" not in skip:
-        result["dedup"] = bench_dedup(n, args.dim, args.threshold, args.k, args.nprobe)
+        result["dedup"] = bench_dedup(n, args.dim, args.threshold, args.k, args.nprobe,
+                                      args.index_kind)
     if "kmeans" not in skip:
         result["kmeans"] = bench_kmeans(kn, args.dim, kk, args.kmeans_iters)
     if "embed" not in skip:
