@@ -16,6 +16,7 @@ from dinosys.errors import UserError
 
 log = logging.getLogger(__name__)
 
+BUILTIN_COPY_DETECTOR = "builtin:copy_detector"  # the small detector shipped in curation/assets
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -56,7 +57,8 @@ def _exported_norm(path: Path) -> tuple[list[float], list[float]] | None:
 
 def load_feature_model(spec: str, mean: list[float] | None = None,
                        std: list[float] | None = None) -> FeatureModel:
-    """Load ``spec``: a dinosys run/export/checkpoint directory, or ``timm:<name>``."""
+    """Load ``spec``: a dinosys run/export/checkpoint directory, ``timm:<name>``, or
+    ``builtin:copy_detector`` (the copy-detection ViT that ships with dinosys)."""
     if spec.startswith("timm:"):
         from dinosys.export.compat import import_timm
 
@@ -72,10 +74,14 @@ def load_feature_model(spec: str, mean: list[float] | None = None,
         return FeatureModel(model.eval(), "timm", list(mean or cfg.get("mean", IMAGENET_MEAN)),
                             list(std or cfg.get("std", IMAGENET_STD)), int(patch[0]),
                             int(getattr(model, "num_prefix_tokens", 1)))
+    if spec == BUILTIN_COPY_DETECTOR:
+        from curation.copy_train import SHIPPED
+
+        spec = str(SHIPPED)
     path = Path(spec)
     if not path.exists():
-        raise UserError(f"embedding model not found: '{spec}' (a dinosys run/export directory "
-                        "or timm:<name>)")
+        raise UserError(f"embedding model not found: '{spec}' (a dinosys run/export directory, "
+                        f"timm:<name> or {BUILTIN_COPY_DETECTOR})")
     from dinosys.export import load
 
     model = load(path).eval()

@@ -3,6 +3,7 @@
     dinosys-curate run CONFIG [key=value ...]
     dinosys-curate embed CONFIG [--part i/n] [--max-chunks N] [key=value ...]
     dinosys-curate {dedup,cluster,retrieve,shard,report} CONFIG [key=value ...]
+    dinosys-curate demo-pool --out DIR [--data data/builtin]   (photos with planted copies)
 
 Every stage is idempotent: it skips itself when its done-marker matches the digest of its inputs
 and config, and ``embed`` resumes chunk by chunk after a kill. Errors in the input end with one
@@ -68,6 +69,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_pool(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from curation.demo_pool import build_pool
+    from dinosys.cli import print_json
+    from dinosys.data.builtin import build_builtin
+
+    build_builtin(Path(args.data), sets=["photos"])
+    copies = build_pool(Path(args.out), Path(args.data))
+    n = sum(1 for p in Path(args.out).iterdir() if p.suffix == ".png")
+    print_json({"pool": args.out, "images": n, "planted_copies": len(copies),
+                "planted_list": str(Path(args.out) / "planted.json")})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `dinosys-curate`."""
     parser = argparse.ArgumentParser(
@@ -92,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-chunks", type=int, default=None,
                            help="embed at most this many chunks, then stop (resume later)")
         p.set_defaults(func=_run)
+    p = sub.add_parser("demo-pool", help="write the embedded photos with planted near-copies "
+                       "among distinct images (the demo and quality-test pool)")
+    p.add_argument("--out", default="data/curation_demo_pool", help="pool directory to write")
+    p.add_argument("--data", default="data/builtin", help="embedded data (built if missing)")
+    p.set_defaults(func=_demo_pool)
     return parser
 
 

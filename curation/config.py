@@ -32,7 +32,9 @@ class SourceConfig:
 class EmbedConfig:
     """Feature extraction with a backbone."""
 
-    model: str = MISSING  # dinosys run/export/checkpoint directory, or "timm:<model name>"
+    # dinosys run/export/checkpoint directory, "timm:<model name>", or "builtin:copy_detector"
+    # (the small copy-detection ViT shipped in curation/assets, trained by curation.copy_train)
+    model: str = MISSING
     features: str = "cls_avgpool"  # cls, avgpool, cls_avgpool
     n_layers: int = 1  # concatenate the features of the last n blocks (get_intermediate_layers)
     img_size: int = 224  # resize the shorter side, then centre-crop to this size
