@@ -71,11 +71,14 @@ def test_copy_train_command_line(tmp_path: Path) -> None:
     import sys
 
     out = subprocess.run([sys.executable, "-m", "curation.copy_train", str(tmp_path / "det"),
-                          "--steps", "2", "--batch-size", "8", "--workers", "0"],
+                          "--steps", "2", "--batch-size", "8", "--workers", "0",
+                          "--img-size", "32", "--patch-size", "16", "--embed-dim", "48",
+                          "--depth", "2", "--heads", "3", "--device", "cpu"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["steps"] == 2
-    assert (tmp_path / "det" / "model.safetensors").is_file()
+    cfg = json.loads((tmp_path / "det" / "config.json").read_text())["architecture"]
+    assert (cfg["img_size"], cfg["patch_size"], cfg["embed_dim"], cfg["depth"]) == (32, 16, 48, 2)
 
 
 def test_shipped_detector_loads_by_name_and_matches_a_copy(builtin_data: Path) -> None:
