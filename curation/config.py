@@ -81,6 +81,45 @@ class IndexConfig:
 
 
 @dataclass
+class VerifyConfig:
+    """Geometric verification of the candidate copy pairs above ``dedup.threshold`` (SIFT,
+    RANSAC similarity transform, correlation of the aligned images; :mod:`curation.verify`).
+    Only confirmed pairs join copy groups; decontamination stays unverified (stricter on purpose).
+    """
+
+    enabled: bool = False
+    max_side: int = 256  # longer image side for matching (small images are enlarged)
+    n_features: int = 1000  # SIFT keypoints per image
+    # SIFT's contrast threshold; below OpenCV's 0.04 so low-contrast and blurred images still
+    # get keypoints (copies grouped in tools/bench_curation.py: 0.85 at 0.04, 0.94 at 0.01)
+    contrast_threshold: float = 0.01
+    ratio: float = 0.8  # Lowe ratio test
+    min_inliers: int = 10  # RANSAC inliers of the similarity transform
+    ransac_px: float = 4.0  # reprojection tolerance, pixels at max_side
+    min_overlap: float = 0.6  # aligned frames' overlap / area of the image more inside the other
+    min_correlation: float = 0.65  # median NCC of the aligned, band-passed grey images over cells
+    grid: int = 6  # the overlap is cut into grid x grid cells for the correlation
+    min_cell_std: float = 2.0  # cells flat in both images (grey-level std below) carry no vote
+    flip: bool = True  # also try with one image mirrored
+    # candidate pairs at or above this cosine are copies without verification (the sure pairs
+    # of a strong copy embedding such as SSCD; saves time). None: verify every candidate
+    accept_above: float | None = None
+    workers: int = 2  # threads (OpenCV releases the GIL)
+    block_size: int = 4096  # pairs per resumable block
+    cache_images: int = 20_000  # features kept in memory
+
+    def __post_init__(self) -> None:
+        check_range(self.min_overlap, "dedup.verify.min_overlap", 0.0, 1.0)
+        check_range(self.min_correlation, "dedup.verify.min_correlation", -1.0, 1.0)
+        check_range(self.ratio, "dedup.verify.ratio", 0.0, 1.0)
+        for key in ("max_side", "n_features", "min_inliers", "block_size", "cache_images", "grid"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'dedup.verify.{key}': must be >= 1")
+        if self.min_inliers < 3:
+            raise ConfigError("config key 'dedup.verify.min_inliers': must be >= 3")
+
+
+@dataclass
 class DedupConfig:
     """Near-duplicate removal (k-NN graph, connected components) and decontamination."""
 
@@ -90,6 +129,7 @@ class DedupConfig:
     eval_sources: list[SourceConfig] = field(default_factory=list)
     decontam_threshold: float = 0.45
     sweep: list[float] = field(default_factory=lambda: [0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9])
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
 
     def __post_init__(self) -> None:
         check_range(self.threshold, "dedup.threshold", -1.0, 1.0)

@@ -118,16 +118,18 @@ def synthetic_image(rng: np.random.Generator, size: int = 96) -> Image.Image:
     return img
 
 
-def collage(parts: Sequence[Image.Image], rng: np.random.Generator) -> Image.Image:
-    """A grid (2x2 to 3x3) of random crops of ``parts``: a new image with natural local
-    statistics whose identity lies in its layout, so colour and texture alone cannot match it."""
+def collage(parts: Sequence[Image.Image], rng: np.random.Generator, lo: float = 0.3,
+            hi: float = 0.9) -> Image.Image:
+    """A grid (2x2 to 3x3) of random crops of ``parts`` (each ``lo`` to ``hi`` of a part's side):
+    a new image with natural local statistics whose identity lies in its layout, so colour and
+    texture alone cannot match it."""
     rows, cols = int(rng.integers(2, 4)), int(rng.integers(2, 4))
     cell = int(rng.integers(32, 56))
     canvas = Image.new("RGB", (cols * cell, rows * cell))
     for r in range(rows):
         for c in range(cols):
             src = parts[int(rng.integers(len(parts)))]
-            tile = _crops(src, 1, rng, 0.3, 0.9)[0].resize((cell, cell), Image.BILINEAR)
+            tile = _crops(src, 1, rng, lo, hi)[0].resize((cell, cell), Image.BILINEAR)
             canvas.paste(tile, (c * cell, r * cell))
     return canvas
 

@@ -21,7 +21,7 @@ from curation.backbone import load_feature_model
 from curation.config import CurationConfig, IndexConfig
 from curation.embed import embed_chunks, merge_chunks, n_chunks
 from curation.hierarchical import balanced_sample, hierarchical_kmeans
-from curation.ingest import ingest
+from curation.ingest import ingest, read_item_bytes
 from curation.knn import knn
 from curation.retrieve import retrieve
 from curation.store import Stage, digest, load_npy, load_table, save_json, save_npy, save_table
@@ -171,7 +171,15 @@ def stage_dedup(cfg: CurationConfig) -> dict:
         dec = load_table(work / "embed" / "decoded.parquet").to_pydict()
         area = dict(zip(dec["id"], np.asarray(dec["width"]) * np.asarray(dec["height"])))
         priority = np.array([area.get(int(i), 0) for i in pool_ids], dtype=np.float64)
-    result = dd.dedup(n, edges, cfg.dedup.threshold, priority)
+    status = np.full(len(edges), -1, dtype=np.int8)
+    group_edges = edges
+    verify_summary: dict = {}
+    if cfg.dedup.verify.enabled:
+        status, corr, verify_summary = _verify_candidates(cfg, stage.dir / f"verify-{key}",
+                                                          edges, pool_ids)
+        group_edges = dd.Edges(edges.i[status > 0], edges.j[status > 0], edges.sim[status > 0])
+        save_npy(stage.dir / "edges_correlation.npy", corr)
+    result = dd.dedup(n, group_edges, cfg.dedup.threshold, priority)
     eval_ids, eval_rows = _role_rows(cfg, "eval")
     if len(eval_ids) and n:
         e = np.asarray(emb[eval_rows], dtype=np.float32)
@@ -190,18 +198,60 @@ def stage_dedup(cfg: CurationConfig) -> dict:
     save_npy(stage.dir / "edges_i.npy", pool_ids[edges.i])
     save_npy(stage.dir / "edges_j.npy", pool_ids[edges.j])
     save_npy(stage.dir / "edges_sim.npy", edges.sim)
+    save_npy(stage.dir / "edges_verified.npy", status)
     sweep = dd.sweep(n, edges, cfg.dedup.sweep)
     for row in sweep:
         if row["example"] is not None:
             i, j, s = row["example"]
             row["example"] = [int(pool_ids[i]), int(pool_ids[j]), s]
     save_json(stage.dir / "sweep.json", sweep)
-    summary = {"pool": n, "edges": len(edges.above(cfg.dedup.threshold)),
+    summary = {"pool": n, "edges": len(edges.above(cfg.dedup.threshold)), **verify_summary,
                "groups": int(result.labels.max() + 1) if n else 0,
                "near_duplicates": int((~result.keep).sum()),
                "contaminated": int(con.drop.sum()), "kept": int(keep.sum())}
     stage.mark_done(key, summary)
     return summary
+
+
+def _verify_candidates(cfg: CurationConfig, out: Path, edges: dd.Edges, pool_ids: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Geometric verification of the edges above ``dedup.threshold`` (those at or above
+    ``verify.accept_above`` are taken unchecked): per edge of ``edges`` a status
+    (``curation.verify`` codes; -1 below the threshold) and the aligned correlation."""
+    from curation import verify
+
+    cols = items(cfg)
+    item_row = np.searchsorted(cols["id"], pool_ids)
+    path, member, offset, size = cols["path"], cols["member"], cols["offset"], cols["size"]
+
+    def load(row: int) -> bytes:
+        r = item_row[row]
+        return read_item_bytes(str(path[r]), str(member[r]), int(offset[r]), int(size[r]))
+
+    vcfg = cfg.dedup.verify
+    above = edges.sim > cfg.dedup.threshold
+    sure = above & (edges.sim >= (np.inf if vcfg.accept_above is None else vcfg.accept_above))
+    cand = np.flatnonzero(above & ~sure)
+    t0 = time.time()
+    res = verify.verify_edges(edges.i[cand], edges.j[cand], load, vcfg, out,
+                              cfg.embed.max_image_pixels, cfg.progress)
+    status = np.full(len(edges), verify.UNCHECKED, dtype=np.int8)
+    status[sure] = verify.ACCEPTED
+    status[cand] = res.status
+    corr = np.zeros(len(edges), dtype=np.float32)
+    corr[cand] = res.correlation
+    summary = {"verify_candidates": int(above.sum()), "verify_accepted_unchecked": int(sure.sum()),
+               "verify_confirmed": int(res.confirmed.sum()),
+               "verify_confirmed_mirrored": int((res.status == verify.CONFIRMED_FLIP).sum()),
+               "verify_rejected": int((res.status == verify.REJECTED).sum()),
+               "verify_undecodable": int((res.status == verify.UNDECODABLE).sum()),
+               "verify_seconds": round(time.time() - t0, 2)}
+    log.info("verify: %d of %d candidate pairs confirmed as copies (%.1f s)",
+             summary["verify_confirmed"], len(cand), summary["verify_seconds"])
+    if summary["verify_undecodable"]:
+        log.warning("verify: %d candidate pairs had an image that no longer decodes; they are "
+                    "not merged", summary["verify_undecodable"])
+    return status, corr, summary
 
 
 def pool_table(cfg: CurationConfig) -> dict[str, np.ndarray]:

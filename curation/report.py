@@ -100,6 +100,36 @@ def plot_examples(sweep: list[dict], cols: dict, out: Path) -> str | None:
     return _save(fig, out)
 
 
+def plot_verification(work: Path, cols: dict, out: Path, n: int = 4) -> str | None:
+    """Candidate pairs that geometric verification decided: the most similar rejected pairs (what
+    the embedding threshold alone would have merged) and the least correlated confirmed ones."""
+    d = work / "dedup"
+    if not (d / "edges_correlation.npy").is_file():
+        return None
+    status = np.load(d / "edges_verified.npy")
+    sim, corr = np.load(d / "edges_sim.npy"), np.load(d / "edges_correlation.npy")
+    ei, ej = np.load(d / "edges_i.npy"), np.load(d / "edges_j.npy")
+    rejected = np.flatnonzero(status == 0)
+    confirmed = np.flatnonzero(status > 0)
+    picks = ([("rejected", e) for e in rejected[np.argsort(-sim[rejected])][:n]]
+             + [("confirmed", e) for e in confirmed[np.argsort(corr[confirmed])][:n]])
+    if not picks:
+        return None
+    pos = {int(i): p for p, i in enumerate(cols["id"])}
+    fig, axes = plt.subplots(len(picks), 2, figsize=(4, 2 * len(picks)), squeeze=False)
+    for (a, b), (what, e) in zip(axes, picks):
+        for ax, item in ((a, ei[e]), (b, ej[e])):
+            try:
+                ax.imshow(_thumb(cols, pos, int(item)))
+            except (OSError, ValueError):
+                ax.text(0.5, 0.5, "unreadable", ha="center")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        a.set_ylabel(f"{what}\ncos {sim[e]:.2f}\ncorr {corr[e]:.2f}", fontsize=8)
+    fig.suptitle("verification: most similar rejected, least correlated confirmed", fontsize=9)
+    return _save(fig, out)
+
+
 def plot_clusters(before: np.ndarray, after: np.ndarray, out: Path) -> str:
     """Finest-level cluster sizes of the candidates and of the final selection."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -166,6 +196,9 @@ def stage_report(cfg) -> dict:
     examples = plot_examples(sweep, cols, out / "sweep_examples.png")
     if examples:
         plots["examples"] = examples
+    verification = plot_verification(work, cols, out / "verification.png")
+    if verification:
+        plots["verification"] = verification
     lab = np.asarray(clusters["cluster"])
     chosen = np.isin(np.asarray(clusters["id"]), np.asarray(sel["id"])[np.asarray(sel["selected"])])
     n_c = int(lab.max()) + 1 if len(lab) else 0
@@ -200,7 +233,8 @@ img{{max-width:100%}}</style></head><body>
 <h1>Curation report: {esc(cfg.name)}</h1>
 <p>model <code>{esc(cfg.embed.model)}</code>, features {esc(cfg.embed.features)} x
 {cfg.embed.n_layers} layer(s); dedup threshold {cfg.dedup.threshold}, decontamination
-{cfg.dedup.decontam_threshold}, k={cfg.dedup.k}.</p>
+{cfg.dedup.decontam_threshold}, k={cfg.dedup.k}; geometric verification
+{"on" if cfg.dedup.verify.enabled else "off"}.</p>
 <h2>Images per stage</h2><table>{rows}</table>
 <h2>Threshold sweep</h2><table><tr><th>threshold</th><th>edges</th><th>removed</th></tr>{sw}</table>
 <h2>Plots</h2>{imgs}

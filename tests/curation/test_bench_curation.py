@@ -94,9 +94,10 @@ def test_blocked_kmeans_assignment_is_brute_force_argmin(monkeypatch: pytest.Mon
     np.testing.assert_allclose(sums.numpy(), ref_sums.numpy(), atol=1e-4)
 
 
-@pytest.mark.slow  # 20-35 s on 2 busy cores
+@pytest.mark.slow  # 30-45 s on 2 busy cores
 def test_small_benchmark_run(repo_root: Path) -> None:
-    proc = subprocess.run([sys.executable, str(BENCH), "--small", "--embed-images", "16"],
+    proc = subprocess.run([sys.executable, str(BENCH), "--small", "--embed-images", "16",
+                           "--verify-pairs", "800"],
                           cwd=repo_root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -116,3 +117,7 @@ def test_small_benchmark_run(repo_root: Path) -> None:
     assert kmeans["ours_inertia"] <= 1.03 * kmeans["faiss_inertia"]
     embed = result["embed"]
     assert embed["images"] == 16 and embed["images_per_s"] > 0
+    verify = result["verify"]
+    assert verify["pairs"] == 800 and verify["pairs_per_s"] > 0
+    assert verify["distinct_pairs_rejected"] >= 0.999
+    assert verify["copies_grouped_with_original"] >= 0.9
