@@ -79,15 +79,11 @@ def plot_sweep(sweep: list[dict], chosen: float, out: Path) -> str:
     return _save(fig, out)
 
 
-def plot_examples(sweep: list[dict], cols: dict, out: Path) -> str | None:
-    """For each threshold, the least similar pair still above it (what that threshold merges)."""
-    rows = [r for r in sweep if r["example"] is not None]
-    if not rows:
-        return None
+def plot_pairs(pairs: list[tuple[int, int, str]], cols: dict, title: str, out: Path) -> str:
+    """One row per ``(item id, item id, label)``: the two thumbnails side by side."""
     pos = {int(i): p for p, i in enumerate(cols["id"])}
-    fig, axes = plt.subplots(len(rows), 2, figsize=(4, 2 * len(rows)), squeeze=False)
-    for (a, b), r in zip(axes, rows):
-        i, j, s = r["example"]
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(4, 2 * len(pairs)), squeeze=False)
+    for (a, b), (i, j, label) in zip(axes, pairs):
         for ax, item in ((a, i), (b, j)):
             try:
                 ax.imshow(_thumb(cols, pos, int(item)))
@@ -95,9 +91,18 @@ def plot_examples(sweep: list[dict], cols: dict, out: Path) -> str | None:
                 ax.text(0.5, 0.5, "unreadable", ha="center")
             ax.set_xticks([])
             ax.set_yticks([])
-        a.set_ylabel(f"> {r['threshold']:.2f}\nsim {s:.3f}", fontsize=8)
-    fig.suptitle("least similar pair above each threshold", fontsize=9)
+        a.set_ylabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
     return _save(fig, out)
+
+
+def plot_examples(sweep: list[dict], cols: dict, out: Path) -> str | None:
+    """For each threshold, the least similar pair still above it (what that threshold merges)."""
+    pairs = [(i, j, f"> {r['threshold']:.2f}\nsim {s:.3f}")
+             for r in sweep if r["example"] is not None for i, j, s in [r["example"]]]
+    if not pairs:
+        return None
+    return plot_pairs(pairs, cols, "least similar pair above each threshold", out)
 
 
 def plot_verification(work: Path, cols: dict, out: Path, n: int = 4) -> str | None:
@@ -115,19 +120,10 @@ def plot_verification(work: Path, cols: dict, out: Path, n: int = 4) -> str | No
              + [("confirmed", e) for e in confirmed[np.argsort(corr[confirmed])][:n]])
     if not picks:
         return None
-    pos = {int(i): p for p, i in enumerate(cols["id"])}
-    fig, axes = plt.subplots(len(picks), 2, figsize=(4, 2 * len(picks)), squeeze=False)
-    for (a, b), (what, e) in zip(axes, picks):
-        for ax, item in ((a, ei[e]), (b, ej[e])):
-            try:
-                ax.imshow(_thumb(cols, pos, int(item)))
-            except (OSError, ValueError):
-                ax.text(0.5, 0.5, "unreadable", ha="center")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        a.set_ylabel(f"{what}\ncos {sim[e]:.2f}\ncorr {corr[e]:.2f}", fontsize=8)
-    fig.suptitle("verification: most similar rejected, least correlated confirmed", fontsize=9)
-    return _save(fig, out)
+    pairs = [(int(ei[e]), int(ej[e]), f"{what}\ncos {sim[e]:.2f}\ncorr {corr[e]:.2f}")
+             for what, e in picks]
+    return plot_pairs(pairs, cols, "verification: most similar rejected, least correlated "
+                      "confirmed", out)
 
 
 def plot_clusters(before: np.ndarray, after: np.ndarray, out: Path) -> str:
