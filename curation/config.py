@@ -190,6 +190,10 @@ class CurationConfig:
     seed: int = 0
     sources: list[SourceConfig] = field(default_factory=list)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    # a second embedding for dedup and decontamination only, e.g. a copy-detection model, while
+    # `embed` (a DINOv2 backbone) serves clustering and retrieval: LVD-142M's split (SSCD for
+    # copies, ViT-H for the rest). None: dedup uses `embed`
+    copy_embed: EmbedConfig | None = None
     index: IndexConfig = field(default_factory=IndexConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -18,7 +18,7 @@ import numpy as np
 
 from curation import dedup as dd
 from curation.backbone import load_feature_model
-from curation.config import CurationConfig, IndexConfig
+from curation.config import CurationConfig, EmbedConfig, IndexConfig
 from curation.embed import embed_chunks, merge_chunks, n_chunks
 from curation.hierarchical import balanced_sample, hierarchical_kmeans
 from curation.ingest import ingest, read_item_bytes
@@ -83,18 +83,44 @@ def wait_for(stage: Stage, timeout_s: float = 24 * 3600, poll_s: float = 2.0) ->
         time.sleep(poll_s)
 
 
+def embed_stages(cfg: CurationConfig) -> list[tuple[str, EmbedConfig]]:
+    """The embedding passes: ``embed`` (clustering, retrieval, and dedup unless a copy model is
+    set) and, with ``copy_embed``, ``embed_copy`` (dedup and decontamination only)."""
+    stages = [("embed", cfg.embed)]
+    if cfg.copy_embed is not None:
+        stages.append(("embed_copy", cfg.copy_embed))
+    return stages
+
+
+def dedup_embed_stage(cfg: CurationConfig) -> str:
+    """The embedding stage that dedup and decontamination read."""
+    return "embed_copy" if cfg.copy_embed is not None else "embed"
+
+
 def stage_embed(cfg: CurationConfig, part: tuple[int, int] = (0, 1),
                 max_chunks: int | None = None) -> dict:
-    """Embed this part's chunks; merge when every chunk exists. Parts > 0 wait for ingest."""
+    """Embed this part's chunks with every embedding model; merge each when all its chunks
+    exist. Parts > 0 wait for ingest. The summary is the main model's (and ``copy_embed``'s)."""
     work = work_dir(cfg)
     ingest_stage = Stage(work, "ingest")
     if part[0] == 0:
         stage_ingest(cfg)
     else:
         wait_for(ingest_stage)
-    stage = Stage(work, "embed")
-    embed_cfg = {k: v for k, v in to_dict(cfg.embed).items() if k != "num_workers"}
-    key = digest("embed", ingest_stage.done_digest(), embed_cfg)
+    summaries = {name: _embed_one(cfg, name, ecfg, part, max_chunks)
+                 for name, ecfg in embed_stages(cfg)}
+    summary = summaries["embed"]
+    if "embed_copy" in summaries:
+        summary = {**summary, "copy_embed": summaries["embed_copy"]}
+    return summary
+
+
+def _embed_one(cfg: CurationConfig, name: str, ecfg: EmbedConfig, part: tuple[int, int],
+               max_chunks: int | None) -> dict:
+    work = work_dir(cfg)
+    stage = Stage(work, name)
+    embed_cfg = {k: v for k, v in to_dict(ecfg).items() if k != "num_workers"}
+    key = digest("embed", Stage(work, "ingest").done_digest(), embed_cfg)
     if stage.is_done(key):
         return stage.summary()
     cols = items(cfg)
@@ -103,16 +129,17 @@ def stage_embed(cfg: CurationConfig, part: tuple[int, int] = (0, 1),
     if not len(rows["id"]):
         raise UserError(f"no readable images in the sources ({len(ok)} listed); check the paths")
     chunk_dir = stage.dir / f"chunks-{key}"
-    total = n_chunks(len(rows["id"]), cfg.embed.chunk_size)
-    fm = load_feature_model(cfg.embed.model, cfg.embed.mean, cfg.embed.std)
+    total = n_chunks(len(rows["id"]), ecfg.chunk_size)
+    fm = load_feature_model(ecfg.model, ecfg.mean, ecfg.std)
     t0 = time.time()
-    written = embed_chunks(fm, rows, cfg.embed, chunk_dir, part, max_chunks, cfg.progress)
+    written = embed_chunks(fm, rows, ecfg, chunk_dir, part, max_chunks, cfg.progress)
     elapsed = time.time() - t0
     done = sum(1 for c in range(total) if (chunk_dir / f"chunk-{c:06d}.json").is_file())
     summary = {"chunks_total": total, "chunks_done": done, "chunks_written_now": written,
                "seconds": round(elapsed, 2), "part": f"{part[0]}/{part[1]}"}
     if done < total:
-        log.info("embed: %d of %d chunks done; other parts or a re-run do the rest", done, total)
+        log.info("%s: %d of %d chunks done; other parts or a re-run do the rest", name, done,
+                 total)
         return summary
     merged = merge_chunks(chunk_dir, total)
     save_npy(stage.dir / "embeddings.npy", merged["emb"])
@@ -127,16 +154,17 @@ def stage_embed(cfg: CurationConfig, part: tuple[int, int] = (0, 1),
     return summary
 
 
-def embeddings(cfg: CurationConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, fp16 embeddings) of every decoded image, sorted by id."""
-    d = work_dir(cfg) / "embed"
+def embeddings(cfg: CurationConfig, stage: str = "embed") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, fp16 embeddings) of every decoded image, sorted by id, from one embedding stage."""
+    d = work_dir(cfg) / stage
     return load_npy(d / "ids.npy"), load_npy(d / "embeddings.npy", mmap=True)
 
 
-def _role_rows(cfg: CurationConfig, role: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, embedding row indices) of the decoded images with ``role``."""
+def _role_rows(cfg: CurationConfig, role: str,
+               stage: str = "embed") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, row indices in ``stage``'s embeddings) of the decoded images with ``role``."""
     cols = items(cfg)
-    ids, _ = embeddings(cfg)
+    ids, _ = embeddings(cfg, stage)
     role_ids = cols["id"][(cols["role"] == role) & (cols["status"] == "ok")]
     rows = np.searchsorted(ids, role_ids)
     found = (rows < len(ids)) & (ids[np.minimum(rows, len(ids) - 1)] == role_ids)
@@ -155,12 +183,13 @@ def stage_dedup(cfg: CurationConfig) -> dict:
     """k-NN graph of the pool, copy groups, decontamination against the evaluation sets."""
     work = work_dir(cfg)
     stage = Stage(work, "dedup")
-    key = digest("dedup", _need(Stage(work, "embed"), "embed"), to_dict(cfg.dedup),
+    source = dedup_embed_stage(cfg)
+    key = digest("dedup", _need(Stage(work, source), "embed"), to_dict(cfg.dedup),
                  to_dict(cfg.index))
     if stage.is_done(key):
         return stage.summary()
-    _, emb = embeddings(cfg)
-    pool_ids, pool_rows = _role_rows(cfg, "pool")
+    _, emb = embeddings(cfg, source)
+    pool_ids, pool_rows = _role_rows(cfg, "pool", source)
     x = np.asarray(emb[pool_rows], dtype=np.float32)
     n = len(x)
     low = min([cfg.dedup.threshold, cfg.dedup.decontam_threshold, *cfg.dedup.sweep])
@@ -180,7 +209,7 @@ def stage_dedup(cfg: CurationConfig) -> dict:
         group_edges = dd.Edges(edges.i[status > 0], edges.j[status > 0], edges.sim[status > 0])
         save_npy(stage.dir / "edges_correlation.npy", corr)
     result = dd.dedup(n, group_edges, cfg.dedup.threshold, priority)
-    eval_ids, eval_rows = _role_rows(cfg, "eval")
+    eval_ids, eval_rows = _role_rows(cfg, "eval", source)
     if len(eval_ids) and n:
         e = np.asarray(emb[eval_rows], dtype=np.float32)
         flat = IndexConfig(kind="flat", use_gpu=cfg.index.use_gpu)
@@ -265,7 +294,8 @@ def stage_cluster(cfg: CurationConfig) -> dict:
     work = work_dir(cfg)
     stage = Stage(work, "cluster")
     cluster_cfg = {k: v for k, v in to_dict(cfg.cluster).items() if k != "target_size"}
-    key = digest("cluster", _need(Stage(work, "dedup"), "dedup"), cluster_cfg)
+    key = digest("cluster", _need(Stage(work, "dedup"), "dedup"),
+                 _need(Stage(work, "embed"), "embed"), cluster_cfg)
     if stage.is_done(key):
         return stage.summary()
     pool = pool_table(cfg)
@@ -354,8 +384,9 @@ def run_all(cfg: CurationConfig, part: tuple[int, int] = (0, 1)) -> dict:
     summary = {"embed": stage_embed(cfg, part)}
     if part[0] != 0:
         return summary
-    if not Stage(work_dir(cfg), "embed").marker.is_file():
-        wait_for(Stage(work_dir(cfg), "embed"))
+    for name, _ in embed_stages(cfg):
+        if not Stage(work_dir(cfg), name).marker.is_file():
+            wait_for(Stage(work_dir(cfg), name))
     for name, fn in (("dedup", stage_dedup), ("cluster", stage_cluster),
                      ("retrieve", stage_retrieve), ("shard", stage_shard),
                      ("report", stage_report)):

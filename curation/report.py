@@ -205,7 +205,8 @@ def stage_report(cfg) -> dict:
         np.asarray(manifest["source"])[kept].tolist(),
         np.asarray(manifest["selection_reason"])[kept].tolist(), out / "composition.png")
     summaries = {name: Stage(work, name).summary()
-                 for name in ("ingest", "embed", "dedup", "cluster", "retrieve", "shards")}
+                 for name in ("ingest", "embed", "embed_copy", "dedup", "cluster", "retrieve",
+                              "shards") if Stage(work, name).marker.is_file()}
     _write_html(shard_dir / "curation_report.html", cfg, counts, summaries, sweep, plots)
     summary = {"report": str(shard_dir / "curation_report.html"), "plots": sorted(plots.values())}
     save_json(stage.dir / "summary.json", {"counts": counts, **summary})
@@ -222,13 +223,15 @@ def _write_html(path: Path, cfg, counts: dict, summaries: dict, sweep: list, plo
                  f"</tr>" for r in sweep)
     imgs = "".join(f'<h3>{esc(k)}</h3><img src="report/{esc(v)}" alt="{esc(k)}">'
                    for k, v in plots.items())
+    copy = ("" if cfg.copy_embed is None else
+            f"; copy model for dedup <code>{esc(cfg.copy_embed.model)}</code>")
     text = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>curation report: {esc(cfg.name)}</title>
 <style>body{{font-family:sans-serif;max-width:980px;margin:auto}}td{{padding:2px 8px}}
 img{{max-width:100%}}</style></head><body>
 <h1>Curation report: {esc(cfg.name)}</h1>
 <p>model <code>{esc(cfg.embed.model)}</code>, features {esc(cfg.embed.features)} x
-{cfg.embed.n_layers} layer(s); dedup threshold {cfg.dedup.threshold}, decontamination
+{cfg.embed.n_layers} layer(s){copy}; dedup threshold {cfg.dedup.threshold}, decontamination
 {cfg.dedup.decontam_threshold}, k={cfg.dedup.k}; geometric verification
 {"on" if cfg.dedup.verify.enabled else "off"}.</p>
 <h2>Images per stage</h2><table>{rows}</table>

@@ -167,3 +167,35 @@ def test_retrieval_cap_and_balancing_through_cli(tmp_path: Path, curation_inputs
     assert "queries" in m["source"] and "query" in m["role"]
     summary = json.loads((out / "retrieve" / "DONE.json").read_text())["summary"]
     assert summary["selected"] == len(kept) and summary["capped"] > 0
+
+
+def test_copy_embed_serves_dedup_and_embed_the_rest(tmp_path: Path, curation_inputs: dict,
+                                                    random_export: Path) -> None:
+    """``copy_embed``: a second model for dedup and decontamination (LVD-142M's SSCD), while
+    ``embed`` serves clustering; each re-runs only when its own config changes."""
+    copy = {"model": "builtin:copy_detector", "img_size": 48, "batch_size": 4, "chunk_size": 8,
+            "num_workers": 0}
+    thresholds = {"dedup.threshold": 0.8, "dedup.decontam_threshold": 0.8}
+    split = tmp_path / "split"
+    cfg = write_config(tmp_path / "split.yaml", curation_inputs, random_export, split,
+                       copy_embed=copy, **thresholds)
+    assert main(["run", str(cfg)]) == 0
+    main_dim = np.load(split / "embed" / "embeddings.npy").shape[1]
+    assert np.load(split / "embed_copy" / "embeddings.npy").shape[1] == 256 != main_dim
+    assert np.load(split / "cluster" / "centroids_0.npy").shape[1] == main_dim
+    # dedup is what a run with the copy model as its only model gives
+    ref = tmp_path / "ref"
+    ref_cfg = write_config(tmp_path / "ref.yaml", curation_inputs, random_export, ref,
+                           **{f"embed.{k}": v for k, v in copy.items()}, **thresholds)
+    assert main(["run", str(ref_cfg)]) == 0
+    a, b = (pq.read_table(d / "dedup" / "pool.parquet").to_pydict() for d in (split, ref))
+    assert a == b
+    assert 0 < sum(not k for k in a["keep"]) < len(a["keep"])  # the copy model found copies
+    # a copy_embed change re-runs embed_copy and dedup, never the main embedding
+    stamp = (split / "embed" / "DONE.json").stat().st_mtime_ns
+    copy_stamp = (split / "embed_copy" / "DONE.json").stat().st_mtime_ns
+    assert main(["run", str(cfg), "copy_embed.img_size=40"]) == 0
+    assert (split / "embed" / "DONE.json").stat().st_mtime_ns == stamp
+    assert (split / "embed_copy" / "DONE.json").stat().st_mtime_ns != copy_stamp
+    html = (split / "shards" / "curation_report.html").read_text()
+    assert "copy model for dedup" in html and "embed_copy" in html
