@@ -251,7 +251,8 @@ def verify_edges(i: np.ndarray, j: np.ndarray, load: Callable[[int], bytes], cfg
     n_blocks = (n + cfg.block_size - 1) // cfg.block_size
     cache = FeatureCache(load, cfg, max_pixels, cfg.cache_images)
     result = np.zeros((n, 4), dtype=np.float32)
-    _cv2().setNumThreads(1)  # parallel over images and pairs instead
+    cv2 = _cv2()
+    cv2.setNumThreads(1)  # parallel over images and pairs instead
     with ThreadPoolExecutor(max(1, cfg.workers)) as pool, \
             tqdm(total=n, desc="verify", unit="pair", disable=not progress) as bar:
         for b in range(n_blocks):
@@ -267,7 +268,11 @@ def verify_edges(i: np.ndarray, j: np.ndarray, load: Callable[[int], bytes], cfg
                 fa, fb = cache[int(i[e])], cache[int(j[e])]
                 if fa is None or fb is None:
                     return [UNDECODABLE, 0, 0, 0]
-                m = verify_pair(fa, fb, cfg)
+                try:
+                    m = verify_pair(fa, fb, cfg)
+                except cv2.error as exc:  # a degenerate geometry must not stop a long stage
+                    log.warning("verify: rows %d and %d: %s", i[e], j[e], exc)
+                    return [REJECTED, 0, 0, 0]
                 return [m.status, m.inliers, m.overlap, m.correlation]
 
             block = np.array(list(pool.map(one, range(lo, hi))), dtype=np.float32).reshape(-1, 4)

@@ -206,3 +206,18 @@ def test_pipeline_keeps_copy_groups_only_for_verified_pairs(tmp_path: Path,
     assert main(["dedup", str(path), "dedup.verify.enabled=false"]) == 0
     done = json.loads((out / "dedup" / "DONE.json").read_text())["summary"]
     assert done["near_duplicates"] == len(files) - 1
+
+
+def test_opencv_error_on_a_pair_is_logged_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    photos: dict[str, Image.Image]) -> None:
+    import cv2
+
+    files, i, j = _edges_fixture(photos, tmp_path)
+
+    def broken(*args, **kwargs):
+        raise cv2.error("degenerate geometry")
+
+    monkeypatch.setattr(verify, "verify_pair", broken)
+    res = verify.verify_edges(i[:4], j[:4], lambda r: files[r].read_bytes(), CFG,
+                              tmp_path / "b", progress=False)
+    assert (res.status == verify.REJECTED).all()
