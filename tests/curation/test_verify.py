@@ -169,14 +169,23 @@ def test_missing_opencv_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
         verify.extract_features(np.zeros((32, 32), np.uint8))
 
 
-def test_pipeline_keeps_copy_groups_only_for_verified_pairs(tmp_path: Path,
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_pipeline_keeps_copy_groups_only_for_verified_pairs(tmp_path: Path, source: str,
                                                             photos: dict[str, Image.Image],
                                                             random_export: Path) -> None:
     """An untrained backbone with a threshold that joins everything: without verification all
-    images fall into one group; with it, only the planted copy pairs do."""
+    images fall into one group; with it, only the planted copy pairs do. Verification reads the
+    images back from the source, a folder or WebDataset shards (tar members by offset)."""
+    from dinosys.data.shard_writer import ShardWriter
+
     pool = tmp_path / "pool"
     pool.mkdir()
     files, _, _ = _edges_fixture(photos, pool)
+    if source == "shards":
+        with ShardWriter(tmp_path / "shards", max_count=3) as writer:
+            for k, f in enumerate(files):
+                writer.write({"__key__": f"{k:04d}", "png": f.read_bytes()})
+        pool = tmp_path / "shards"
     out = tmp_path / "w"
     cfg = {"name": "v", "out": str(out), "progress": False,
            "sources": [{"path": str(pool), "name": "pool"}],
