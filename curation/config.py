@@ -89,7 +89,7 @@ class VerifyConfig:
 
     enabled: bool = False
     max_side: int = 256  # longer image side for matching (small images are enlarged)
-    n_features: int = 1000  # SIFT keypoints per image
+    n_features: int = 500  # SIFT keypoints per image (1000: same results, 1.4x slower)
     # SIFT's contrast threshold; below OpenCV's 0.04 so low-contrast and blurred images still
     # get keypoints (copies grouped in tools/bench_curation.py: 0.85 at 0.04, 0.94 at 0.01)
     contrast_threshold: float = 0.01
