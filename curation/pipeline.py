@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from curation import dedup as dd
+from curation import verify
 from curation.backbone import load_feature_model
 from curation.config import CurationConfig, EmbedConfig, IndexConfig
 from curation.embed import embed_chunks, merge_chunks, n_chunks
@@ -200,14 +201,15 @@ def stage_dedup(cfg: CurationConfig) -> dict:
         dec = load_table(work / "embed" / "decoded.parquet").to_pydict()
         area = dict(zip(dec["id"], np.asarray(dec["width"]) * np.asarray(dec["height"])))
         priority = np.array([area.get(int(i), 0) for i in pool_ids], dtype=np.float64)
-    status = np.full(len(edges), -1, dtype=np.int8)
+    status = np.full(len(edges), verify.UNCHECKED, dtype=np.int8)
+    corr = np.zeros(len(edges), dtype=np.float32)
     group_edges = edges
     verify_summary: dict = {}
     if cfg.dedup.verify.enabled:
         status, corr, verify_summary = _verify_candidates(cfg, stage.dir / f"verify-{key}",
                                                           edges, pool_ids)
-        group_edges = dd.Edges(edges.i[status > 0], edges.j[status > 0], edges.sim[status > 0])
-        save_npy(stage.dir / "edges_correlation.npy", corr)
+        merged = status > 0  # confirmed, confirmed mirrored, accepted unchecked
+        group_edges = dd.Edges(edges.i[merged], edges.j[merged], edges.sim[merged])
     result = dd.dedup(n, group_edges, cfg.dedup.threshold, priority)
     eval_ids, eval_rows = _role_rows(cfg, "eval", source)
     if len(eval_ids) and n:
@@ -228,6 +230,7 @@ def stage_dedup(cfg: CurationConfig) -> dict:
     save_npy(stage.dir / "edges_j.npy", pool_ids[edges.j])
     save_npy(stage.dir / "edges_sim.npy", edges.sim)
     save_npy(stage.dir / "edges_verified.npy", status)
+    save_npy(stage.dir / "edges_correlation.npy", corr)
     sweep = dd.sweep(n, edges, cfg.dedup.sweep)
     for row in sweep:
         if row["example"] is not None:
@@ -247,8 +250,6 @@ def _verify_candidates(cfg: CurationConfig, out: Path, edges: dd.Edges, pool_ids
     """Geometric verification of the edges above ``dedup.threshold`` (those at or above
     ``verify.accept_above`` are taken unchecked): per edge of ``edges`` a status
     (``curation.verify`` codes; -1 below the threshold) and the aligned correlation."""
-    from curation import verify
-
     cols = items(cfg)
     item_row = np.searchsorted(cols["id"], pool_ids)
     path, member, offset, size = cols["path"], cols["member"], cols["offset"], cols["size"]
@@ -262,8 +263,9 @@ def _verify_candidates(cfg: CurationConfig, out: Path, edges: dd.Edges, pool_ids
     sure = above & (edges.sim >= (np.inf if vcfg.accept_above is None else vcfg.accept_above))
     cand = np.flatnonzero(above & ~sure)
     t0 = time.time()
-    res = verify.verify_edges(edges.i[cand], edges.j[cand], load, vcfg, out,
-                              cfg.embed.max_image_pixels, cfg.progress)
+    max_pixels = dict(embed_stages(cfg))[dedup_embed_stage(cfg)].max_image_pixels
+    res = verify.verify_edges(edges.i[cand], edges.j[cand], load, vcfg, out, max_pixels,
+                              cfg.progress)
     status = np.full(len(edges), verify.UNCHECKED, dtype=np.int8)
     status[sure] = verify.ACCEPTED
     status[cand] = res.status

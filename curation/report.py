@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from curation import verify  # noqa: E402
 from curation.ingest import read_item_bytes  # noqa: E402
 from curation.pipeline import _need, items, pool_table, work_dir  # noqa: E402
 from curation.store import Stage, digest, load_table, save_json  # noqa: E402
@@ -109,13 +110,11 @@ def plot_verification(work: Path, cols: dict, out: Path, n: int = 4) -> str | No
     """Candidate pairs that geometric verification decided: the most similar rejected pairs (what
     the embedding threshold alone would have merged) and the least correlated confirmed ones."""
     d = work / "dedup"
-    if not (d / "edges_correlation.npy").is_file():
-        return None
     status = np.load(d / "edges_verified.npy")
     sim, corr = np.load(d / "edges_sim.npy"), np.load(d / "edges_correlation.npy")
     ei, ej = np.load(d / "edges_i.npy"), np.load(d / "edges_j.npy")
-    rejected = np.flatnonzero(status == 0)
-    confirmed = np.flatnonzero(status > 0)
+    rejected = np.flatnonzero(status == verify.REJECTED)
+    confirmed = np.flatnonzero(verify.is_confirmed(status))
     picks = ([("rejected", e) for e in rejected[np.argsort(-sim[rejected])][:n]]
              + [("confirmed", e) for e in confirmed[np.argsort(corr[confirmed])][:n]])
     if not picks:

@@ -6,9 +6,11 @@ each candidate edge above ``dedup.threshold`` the way copy-detection matching sy
 
 1. SIFT keypoints of both images (grey, longer side resized to ``max_side``), Lowe ratio test;
 2. a RANSAC similarity transform (rotation, scale, shift) with at least ``min_inliers`` inliers;
-3. the aligned frames must overlap on at least ``min_overlap`` of the smaller image, and the
-   blurred grey images must correlate (NCC) at ``min_correlation`` or more over that overlap:
-   a copy matches everywhere the two frames meet, a shared tile only inside the tile.
+3. the aligned frames must overlap on at least ``min_overlap`` of the image more inside the
+   other, and the band-passed grey images must agree over that overlap: the median of the
+   correlations of a ``grid`` x ``grid`` cell grid is at least ``min_correlation``. A copy
+   agrees everywhere the two frames meet but under an overlay, a shared tile only inside the
+   tile.
 
 A pair that fails is tried once more with one image mirrored (a flip is a common copy edit).
 Edges are verified in blocks, each saved atomically, so a killed run resumes where it stopped.
@@ -74,8 +76,8 @@ def grey_image(data: bytes, max_side: int, max_pixels: int) -> np.ndarray:
     return np.asarray(grey, dtype=np.uint8)
 
 
-def extract_features(grey: np.ndarray, n_features: int = 1000,
-                     contrast_threshold: float = 0.01) -> Features:
+def extract_features(grey: np.ndarray, n_features: int = VerifyConfig.n_features,
+                     contrast_threshold: float = VerifyConfig.contrast_threshold) -> Features:
     """SIFT keypoints of ``grey`` and of its mirror image."""
     cv2 = _cv2()
     sift = cv2.SIFT_create(nfeatures=n_features, contrastThreshold=contrast_threshold)
@@ -151,10 +153,9 @@ def _band_pass(grey: np.ndarray) -> np.ndarray:
 def _aligned_agreement(ga: np.ndarray, gb: np.ndarray, M: np.ndarray,
                        cfg: VerifyConfig) -> tuple[float, float]:
     """(overlap of the two frames once aligned, as a share of the image more inside the other;
-    agreement of the
-    band-passed grey images over that overlap: the median of per-cell correlations, so a local
-    overlay (text, a logo) costs only its cells, while content shared by a single tile of a
-    collage wins only its cells)."""
+    agreement of the band-passed grey images over that overlap: the median of per-cell
+    correlations, so a local overlay (text, a logo) costs only its cells, while content shared
+    by a single tile of a collage wins only its cells)."""
     cv2 = _cv2()
     h, w = gb.shape
     warped = cv2.warpAffine(ga, M, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
@@ -188,7 +189,7 @@ def verify_pair(a: Features, b: Features, cfg: VerifyConfig) -> Match:
         overlap, corr = _aligned_agreement(grey, b.grey, M, cfg)
         if overlap >= cfg.min_overlap and corr >= cfg.min_correlation:
             return Match(status, inliers, overlap, corr)
-        if corr > best.correlation or best.correlation == 0.0:
+        if best.overlap == 0.0 or corr > best.correlation:  # report the better aligned try
             best = Match(REJECTED, inliers, overlap, corr)
     return best
 
@@ -212,12 +213,13 @@ class FeatureCache:
 
     def fill(self, rows: np.ndarray, pool: ThreadPoolExecutor) -> None:
         """Compute the features of every row not cached yet (in parallel)."""
-        todo = [int(r) for r in np.unique(rows) if int(r) not in self._store]
+        wanted = [int(r) for r in np.unique(rows)]
+        todo = [r for r in wanted if r not in self._store]
         for r, f in zip(todo, pool.map(self.compute, todo)):
             self._store[r] = f
-        for r in np.unique(rows):
-            self._store.move_to_end(int(r))
-        while len(self._store) > max(self.capacity, len(np.unique(rows))):
+        for r in wanted:
+            self._store.move_to_end(r)
+        while len(self._store) > max(self.capacity, len(wanted)):
             self._store.popitem(last=False)
 
     def __getitem__(self, row: int) -> Features | None:
@@ -236,7 +238,12 @@ class Verified:
     @property
     def confirmed(self) -> np.ndarray:
         """Edges verified as copies (upright or mirrored)."""
-        return (self.status == CONFIRMED) | (self.status == CONFIRMED_FLIP)
+        return is_confirmed(self.status)
+
+
+def is_confirmed(status: np.ndarray) -> np.ndarray:
+    """Which status codes mean verified as a copy (upright or mirrored)."""
+    return (status == CONFIRMED) | (status == CONFIRMED_FLIP)
 
 
 def verify_edges(i: np.ndarray, j: np.ndarray, load: Callable[[int], bytes], cfg: VerifyConfig,
