@@ -1,0 +1,58 @@
+"""Edge cases of the epoch order and of shard reading that the main tests pass without noticing:
+the shard order itself must change with the epoch (not only the order inside each window), a
+fractional weight must pick a different subset each epoch, and a stale sizes.json must surface as
+a read error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import jpeg_bytes, write_shard
+
+from dinosys.data.decode import BadImageError
+from dinosys.data.order import EpochOrder
+from dinosys.data.sources import ShardSource
+
+
+class _Shards:
+    def __init__(self, sizes: list[int]) -> None:
+        self.unit_sizes = np.asarray(sizes)
+        self.shuffle_items = False
+
+
+def test_shard_order_differs_between_epochs() -> None:
+    shards = _Shards([10] * 12)
+    orders = [EpochOrder([shards], [1.0], seed=3, epoch=e, window_samples=40) for e in range(3)]
+    units = [o.unit_start.tolist() for o in orders]
+    for u in units:
+        assert sorted(u) == list(range(0, 120, 10))  # every shard once per epoch
+    assert units[0] != units[1] and units[1] != units[2] and units[0] != units[2]
+    same = EpochOrder([shards], [1.0], seed=3, epoch=1, window_samples=40)
+    assert same.unit_start.tolist() == units[1]  # a function of (seed, epoch) only
+
+
+def test_half_weighted_source_picks_different_halves_in_different_epochs() -> None:
+    shards = _Shards([10] * 16)
+    halves = [frozenset(EpochOrder([shards], [0.5], seed=0, epoch=e, window_samples=16)
+                        .unit_start.tolist()) for e in range(4)]
+    assert all(len(h) == 8 for h in halves)
+    assert len(set(halves)) == 4  # a new half every epoch
+    assert set().union(*halves) != halves[0]
+
+
+def test_stale_sizes_json_is_a_read_error(tmp_path: Path, photos: list[np.ndarray]) -> None:
+    """sizes.json says 2 samples, the shard holds 1: reading the missing one is a read error
+    (counted and skipped by the loader), not a crash or another reason."""
+    write_shard(tmp_path / "000000.tar", [{"__key__": "only", "jpg": jpeg_bytes(photos[0][:32, :32]),
+                                           "cls": b"3"}])
+    (tmp_path / "sizes.json").write_text(json.dumps({"000000.tar": 2}))
+    src = ShardSource("stale", str(tmp_path / "000000.tar"))
+    assert len(src) == 2  # the count comes from sizes.json
+    assert src.read(0).label == 3
+    with pytest.raises(BadImageError) as info:
+        src.read(1)
+    assert info.value.reason == "read_error"
+    assert "stale sizes.json" in str(info.value)

@@ -1,0 +1,156 @@
+"""What the trainer really does in a step, checked against values computed independently of it:
+the teacher temperature it uses, the centre update, the last-layer freeze and the iBOT per-image
+weighting on a patch grid where images have different numbers of masked patches."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import dinosys.train.ssl_task as ssl_task
+from dinosys.config import TrainConfig
+from dinosys.data.loader import build_ssl_loader
+from dinosys.dist.env import DistEnv
+from dinosys.losses.normalize import Centering
+from dinosys.train.loop import Trainer
+from dinosys.train.ssl_task import SSLTask
+
+B = 4  # images per batch (8 global crops)
+PLAIN = ["model.drop_path_rate=0", "dist.param_dtype=fp32", f"data.batch_size_per_gpu={B}",
+         "checkpoint.every_n_steps=0"]
+
+
+def make_trainer(cfg: TrainConfig, run_dir: Path) -> tuple[Trainer, list[dict]]:
+    """A trainer on the CPU and the first 4 batches of the real loader."""
+    loader = build_ssl_loader(cfg, 0, 1, patch_size=cfg.model.patch_size)
+    it = iter(loader)
+    batches = [next(it) for _ in range(4)]
+    torch.manual_seed(1234)
+    task = SSLTask(cfg, "cpu")
+    return Trainer(task, loader, cfg, DistEnv(), run_dir, total_steps=20, total_batch=B), batches
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def test_trainer_uses_the_scheduled_teacher_temperature(tiny_cfg, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # warm-up over 2 steps (1 "epoch" of 2 iterations): 0.04, 0.055, then 0.07
+    cfg = tiny_cfg(*PLAIN, "loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07",
+                   "loss.warmup_teacher_temp_epochs=1")
+    trainer, batches = make_trainer(cfg, tmp_path / "run")
+    used: list[float] = []
+    real = Centering.softmax_centered
+
+    def spy(self: Centering, logits: torch.Tensor, temp: float) -> torch.Tensor:
+        used.append(temp)
+        return real(self, logits, temp)
+
+    monkeypatch.setattr(Centering, "softmax_centered", spy)
+    for step, expected in ((0, 0.04), (1, 0.055), (2, 0.07), (3, 0.07)):
+        used.clear()
+        applied, logs = trainer.train_step([batches[step]], step)
+        assert applied
+        assert used == [pytest.approx(expected, abs=1e-12)] * 2, step  # DINO and iBOT targets
+        assert logs["teacher_temp"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_sinkhorn_targets_use_the_scheduled_teacher_temperature(
+        tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_cfg(*PLAIN, "loss.centering=sinkhorn_knopp", "loss.warmup_teacher_temp=0.04",
+                   "loss.teacher_temp=0.07", "loss.warmup_teacher_temp_epochs=1")
+    trainer, batches = make_trainer(cfg, tmp_path / "run")
+    used: list[float] = []
+    real = ssl_task.sinkhorn_knopp
+
+    def spy(logits: torch.Tensor, temp: float, *args, **kwargs) -> torch.Tensor:
+        used.append(temp)
+        return real(logits, temp, *args, **kwargs)
+
+    monkeypatch.setattr(ssl_task, "sinkhorn_knopp", spy)
+    for step, expected in ((0, 0.04), (1, 0.055), (2, 0.07)):
+        used.clear()
+        assert trainer.train_step([batches[step]], step)[0]
+        assert used == [pytest.approx(expected, abs=1e-12)] * 2, step
+
+
+def test_centre_after_one_step_is_the_dinov2_ema_of_the_teacher_logits(
+        tiny_cfg, tmp_path: Path) -> None:
+    """c <- 0.9 c + 0.1 mean(teacher CLS logits over the global crops), with the recipe's
+    default momentum (mnist_tiny_cpu does not set it)."""
+    cfg = tiny_cfg(*PLAIN)
+    assert cfg.loss.center_momentum == 0.9
+    trainer, batches = make_trainer(cfg, tmp_path / "run")
+    task = trainer.task
+    c0 = torch.randn(1, cfg.heads.n_prototypes, generator=torch.Generator().manual_seed(5))
+    task.dino_center.center.copy_(c0)
+    teacher = copy.deepcopy(task.teacher)  # the targets come from the teacher before the step
+    with torch.no_grad():
+        cls = teacher["backbone"](batches[0]["global_crops"])["x_norm_clstoken"]
+        logits = teacher["dino_head"](cls)
+    assert trainer.train_step([batches[0]], 0)[0]
+    expected = 0.9 * c0 + 0.1 * logits.mean(0, keepdim=True)
+    torch.testing.assert_close(task.dino_center.center, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_last_layer_is_frozen_for_the_first_epoch_then_trains(tiny_cfg, tmp_path: Path) -> None:
+    # 1 "epoch" = 2 steps frozen; no lr warm-up, so every other head weight moves at step 0
+    cfg = tiny_cfg(*PLAIN, "optim.freeze_last_layer_epochs=1", "optim.warmup_epochs=0")
+    trainer, batches = make_trainer(cfg, tmp_path / "run")
+    head = trainer.task.student["dino_head"]
+    before = snapshot(head)
+    last = [k for k in before if "last_layer" in k]
+    mlp = [k for k in before if "last_layer" not in k]
+    assert last and mlp
+
+    def moved(names: list[str], ref: dict[str, torch.Tensor]) -> list[str]:
+        now = snapshot(head)
+        return [k for k in names if not torch.equal(now[k], ref[k])]
+
+    params = dict(head.named_parameters())
+    adam = trainer.optimizer.state
+    for step in (0, 1):
+        assert trainer.train_step([batches[step]], step)[0]
+        assert moved(last, before) == [], step  # frozen: not even weight decay touches it
+        assert moved(mlp, before) == mlp, step
+        # DINOv2 drops the gradients: the frozen steps leave no AdamW moments behind either
+        assert all(not adam[params[k]] for k in last), step
+    assert trainer.train_step([batches[2]], 2)[0]  # the freeze is over
+    assert moved(last, before) == last
+    assert all(int(adam[params[k]]["step"]) == 1 for k in last)
+
+
+def test_ibot_loss_weights_each_image_by_its_own_mask_count(
+        tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a 4x4 grid the masked images hold different numbers of masked patches; the trainer's
+    iBOT loss must be sum over images of (mean CE over that image's masked patches) / 2B."""
+    cfg = tiny_cfg(*PLAIN, "data.batch_size_per_gpu=8", "model.patch_size=7",
+                   "masking.mask_probability=1.0")
+    trainer, batches = make_trainer(cfg, tmp_path / "run")
+    batch = batches[0]
+    masks = batch["masks"]
+    counts = masks.sum(-1)
+    assert masks.shape[1] == 16 and len(set(counts[counts > 0].tolist())) >= 3, counts
+    seen: dict[str, torch.Tensor] = {}
+    real = ssl_task.ibot_loss
+
+    def spy(student: torch.Tensor, teacher: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        seen["student"], seen["teacher"] = student.detach().clone(), teacher.detach().clone()
+        return real(student, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(ssl_task, "ibot_loss", spy)
+    applied, logs = trainer.train_step([batch], 0)
+    assert applied
+    temp = cfg.loss.student_temp
+    per_token = -(seen["teacher"] * torch.log_softmax(seen["student"].double() / temp, -1)).sum(-1)
+    image = masks.flatten().nonzero().flatten() // masks.shape[1]
+    n_images = masks.shape[0]
+    per_image = [per_token[image == i].mean() for i in range(n_images) if counts[i] > 0]
+    expected = float(torch.stack(per_image).sum() / n_images)
+    assert logs["ibot_loss"] == pytest.approx(expected, rel=1e-5)
+    unweighted = float(per_token.sum() / n_images)  # what a missing 1/n_masked would give
+    assert abs(unweighted - expected) > 1e-2 * expected
