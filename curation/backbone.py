@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.errors import UserError
 
 log = logging.getLogger(__name__)
 
 BUILTIN_COPY_DETECTOR = "builtin:copy_detector"  # the small detector shipped in curation/assets
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 @dataclass

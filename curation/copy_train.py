@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance
 from torch.utils.data import DataLoader, IterableDataset
 
+from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.eval.images import preprocess
 
 log = logging.getLogger(__name__)
 
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 SHIPPED = Path(__file__).resolve().parent / "assets" / "copy_detector"
 
 # scikit-image pictures the copy detector trains on (random crops: photos 80 each, textures and

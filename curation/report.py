@@ -21,7 +21,7 @@ from curation import verify  # noqa: E402
 from curation.ingest import read_item_bytes  # noqa: E402
 from curation.pipeline import _need, items, pool_table, work_dir  # noqa: E402
 from curation.store import Stage, digest, load_table, save_json  # noqa: E402
-from dinosys.config import write_atomic  # noqa: E402
+from dinosys.atomic import write_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 

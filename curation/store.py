@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dinosys.config import write_atomic
-
-
-def _tmp_beside(path: Path, suffix: str = "") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+from dinosys.atomic import atomic_file, replace_directory, write_atomic
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` through a temporary file and a rename."""
-    tmp = _tmp_beside(path, ".npy")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
@@ -48,13 +30,8 @@ def save_table(path: Path, table: pa.Table | dict[str, Any]) -> None:
     """Write a parquet table atomically (a dict of columns is converted first)."""
     if isinstance(table, dict):
         table = pa.table(table)
-    tmp = _tmp_beside(path, ".parquet")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as fh:
+        pq.write_table(table, fh)
 
 
 def load_table(path: Path) -> pa.Table:
@@ -69,14 +46,7 @@ def save_json(path: Path, obj: Any) -> None:
 
 def replace_dir(tmp_dir: Path, final: Path) -> None:
     """Move a fully written temporary directory into place (replacing an older one)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp_dir, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final)
+    replace_directory(tmp_dir, final)
 
 
 def digest(*parts: Any) -> str:

@@ -47,7 +47,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dinosys.config import TrainConfig, load_config
 
     cfg = load_config(TrainConfig, args.config, args.overrides, kind="train")
-    from dinosys.dist.env import detect_layout
+    from dinosys.distributed.env import detect_layout
     from dinosys.train.run import run_train  # after the config: bad input fails before torch loads
 
     _, rank, world_size, _ = detect_layout()
@@ -69,7 +69,7 @@ def _cmd_eval_knn(args: argparse.Namespace) -> int:
         temperature=args.temperature, batch_size=args.batch_size,
     )
     if args.out:
-        from dinosys.config import write_atomic
+        from dinosys.atomic import write_atomic
 
         write_atomic(Path(args.out), json.dumps(result, indent=2, sort_keys=True) + "\n")
     print_json(result)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.errors import ConfigError
 
 T = TypeVar("T")
@@ -131,8 +131,8 @@ class CropConfig:
     blur_p_local: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     solarize_p_global2: float = 0.2
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
     def __post_init__(self) -> None:
         for name in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p_global1",
@@ -488,24 +488,10 @@ def to_dict(cfg: Any) -> dict:
     return dict(node)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename: readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs must stay readable by others
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_config(cfg: Any, run_dir: Path) -> Path:
     """Write the resolved config to ``run_dir/config.yaml`` atomically and return its path."""
+    from dinosys.atomic import write_atomic
+
     path = Path(run_dir) / "config.yaml"
     write_atomic(path, to_yaml(cfg))
     return path

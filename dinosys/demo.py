@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dinosys.config import TrainConfig, load_config, write_atomic
+from dinosys.atomic import write_atomic
+from dinosys.config import TrainConfig, load_config
 
 log = logging.getLogger(__name__)
 

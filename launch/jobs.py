@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinosys.config import load_config, to_yaml, write_atomic
+from dinosys.atomic import write_atomic
+from dinosys.config import load_config, to_yaml
 from dinosys.errors import NotAvailableError, UserError
 from launch.task import TaskContext
 

@@ -81,11 +81,6 @@ def job_fields(job_id: str) -> dict[str, str]:
     return fields
 
 
-def job_state(job_id: str) -> str:
-    """The job's state (PENDING, RUNNING, COMPLETED, FAILED, ...); "UNKNOWN" once forgotten."""
-    return job_fields(job_id).get("JobState", "UNKNOWN")
-
-
 REQUEUE_SETTLE_S = 3.0
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}

@@ -32,7 +32,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dinosys.config import write_atomic  # noqa: E402
+from dinosys.atomic import write_atomic  # noqa: E402
 from dinosys.errors import NotAvailableError, UserError  # noqa: E402
 from launch.jobs import JOB_KINDS, PreparedJob, prepare_jobs  # noqa: E402
 from launch.params import default_parts, sbatch_script, slurm_parameters, tasks_per_node  # noqa: E402

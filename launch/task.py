@@ -94,7 +94,7 @@ def _layout(executor: str) -> tuple[int, int, int, str | None, int | None]:
     import submitit
 
     env = submitit.JobEnvironment()
-    # CUDA_VISIBLE_DEVICES stays whole: dinosys.dist.env picks cuda:LOCAL_RANK itself
+    # CUDA_VISIBLE_DEVICES stays whole: dinosys.distributed.env picks cuda:LOCAL_RANK itself
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                           overwrite=True)
     job_id = env.job_id if executor == "slurm" else None

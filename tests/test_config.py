@@ -16,7 +16,6 @@ from dinosys.config import (
     load_config,
     save_config,
     to_dict,
-    write_atomic,
 )
 from dinosys.errors import ConfigError, UserError
 
@@ -185,11 +184,3 @@ def test_save_config_round_trip(tmp_path: Path, config_root: Path) -> None:
     again = load_config(TrainConfig, path)
     assert again == cfg
     assert to_dict(again)["data"]["sources"] == [{"path": "/data/a", "weight": 2.0, "kind": "auto"}]
-
-
-def test_write_atomic_replaces_whole_file(tmp_path: Path) -> None:
-    target = tmp_path / "sub" / "f.txt"
-    write_atomic(target, "one\n")
-    write_atomic(target, "two\n")
-    assert target.read_text() == "two\n"
-    assert sorted(p.name for p in target.parent.iterdir()) == ["f.txt"]

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dinosys.config import TrainConfig, load_config  # noqa: E402
 from dinosys.data.collate import collate_ssl  # noqa: E402
 from dinosys.data.masking import MaskGenerator  # noqa: E402
-from dinosys.dist.env import DistEnv, init_distributed, seed_everything  # noqa: E402
-from dinosys.dist.fsdp import prepare_for_training  # noqa: E402
+from dinosys.distributed.env import DistEnv, init_distributed, seed_everything  # noqa: E402
+from dinosys.distributed.fsdp import prepare_for_training  # noqa: E402
 from dinosys.train.loop import Trainer  # noqa: E402
 from dinosys.train.metrics import peak_tflops  # noqa: E402
 from dinosys.train.ssl_task import SSLTask  # noqa: E402

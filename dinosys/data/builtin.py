@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dinosys.config import write_atomic
+from dinosys.atomic import write_atomic
 from dinosys.data.shard_writer import SIZES_FILE, ShardWriter, encode_image
 from dinosys.errors import UserError
 

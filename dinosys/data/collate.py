@@ -9,10 +9,9 @@ import numpy as np
 import torch
 
 from dinosys.config import CropConfig
+from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.data.masking import MaskGenerator
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _stack_crop_major(samples: Sequence[dict], key: str, mean: Sequence[float],

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from dinosys.config import write_atomic
+from dinosys.atomic import write_atomic
 
 if TYPE_CHECKING:
     from webdataset import TarWriter

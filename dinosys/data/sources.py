@@ -20,7 +20,8 @@ import numpy as np
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from dinosys.config import DataSourceConfig, write_atomic
+from dinosys.atomic import write_atomic
+from dinosys.config import DataSourceConfig
 from dinosys.data.decode import BadImageError
 from dinosys.data.folder import ImageFolder, read_file_list
 from dinosys.errors import UserError

@@ -17,12 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.data.decode import BadImageError, decode_image
 from dinosys.data.folder import ImageFolder
 from dinosys.errors import UserError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 178_956_970  # twice Pillow's bomb limit: evaluation images are trusted folders
 PRELOAD_BYTES = 1 << 30
 

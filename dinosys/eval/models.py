@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 from torch import nn
 
+from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.errors import UserError
-from dinosys.eval.images import IMAGENET_MEAN, IMAGENET_STD
 
 RANDOM_PREFIX = "random:"
 

@@ -12,7 +12,6 @@ Every load is strict: missing, unexpected or mis-shaped keys raise UserError nam
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -161,18 +160,6 @@ def hf_config_dict(cfg: BackboneConfig) -> dict:
     return out
 
 
-def hf_config(cfg: BackboneConfig):  # type: ignore[no-untyped-def]
-    """A transformers ``Dinov2Config`` / ``Dinov2WithRegistersConfig`` object for ``cfg``."""
-    from dinosys.export.compat import import_transformers
-
-    tf = import_transformers()
-    data = hf_config_dict(cfg)
-    data.pop("architectures")
-    kind = data.pop("model_type")
-    cls = tf.Dinov2WithRegistersConfig if kind == "dinov2_with_registers" else tf.Dinov2Config
-    return cls(**data)
-
-
 def to_hf_state_dict(state: StateDict, cfg: BackboneConfig) -> StateDict:
     """Our state dict in HF Dinov2 4.x key names (loadable by transformers 4 and 5)."""
     cfg = resolve_config(cfg)
@@ -284,8 +271,3 @@ def from_hf_state_dict(state: StateDict, cfg: BackboneConfig) -> StateDict:
     if "mask_token" in out:
         out["mask_token"] = out["mask_token"].reshape(1, cfg.embed_dim)
     return out
-
-
-def with_backend(cfg: BackboneConfig, backend: str = "auto") -> BackboneConfig:
-    """``cfg`` with another attention backend (exports load with ``auto``)."""
-    return replace(cfg, attn_backend=backend)

@@ -22,9 +22,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from dinosys.atomic import atomic_directory
 from dinosys.errors import UserError
 from dinosys.export import convert
-from dinosys.export.native import atomic_directory, write_native
+from dinosys.export.native import write_native
 
 log = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ def _run_dir_of_checkpoint(ckpt: Path) -> Path:
 def load_checkpoint(path: Path, prefix: str = "teacher.backbone") -> DinoVisionTransformer:
     """A backbone from a training checkpoint (or the newest one of a run directory)."""
     from dinosys.config import TrainConfig, load_config
-    from dinosys.dist.checkpoint import load_backbone_state, resolve_checkpoint
+    from dinosys.distributed.sharded_checkpoint import load_backbone_state, resolve_checkpoint
 
     try:
         ckpt = resolve_checkpoint(path)

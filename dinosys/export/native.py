@@ -9,41 +9,17 @@ half an export.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from safetensors.torch import save_file
 from torch import nn
 
+from dinosys.atomic import atomic_directory
+from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
+
 FORMAT_NAME = "dinosys-backbone"
 FORMAT_VERSION = 1
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-@contextmanager
-def atomic_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out_dir`` when the block succeeds."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def native_config(backbone: nn.Module, card: dict | None = None) -> dict:

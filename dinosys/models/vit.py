@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -251,11 +251,6 @@ class DinoVisionTransformer(nn.Module):
         if return_class_token:
             return tuple(zip(patches, cls))
         return tuple(patches)
-
-    def config_dict(self) -> dict:
-        """The resolved architecture as plain data (saved in exported config.json)."""
-        return asdict(self.cfg)
-
 
 def backbone_from_config(cfg: BackboneConfig) -> DinoVisionTransformer:
     """Build the backbone described by ``cfg`` (arch defaults fill its None fields)."""

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,9 @@ import torch.distributed as dist
 
 from dinosys.config import TrainConfig
 from dinosys.data.gpu_augment import apply_photometric
-from dinosys.dist.env import DistEnv
-from dinosys.dist.fsdp import autocast_context, set_gradient_sync
+from dinosys.distributed.env import DistEnv
+from dinosys.distributed.fsdp import autocast_context, set_gradient_sync
 from dinosys.errors import UserError
-from dinosys.train.checkpointing import TrainState
 from dinosys.train.ema import ema_pairs, ema_update
 from dinosys.train.metrics import MetricsWriter, peak_memory_gib, peak_tflops
 from dinosys.train.optim import (
@@ -34,6 +33,7 @@ from dinosys.train.optim import (
 from dinosys.train.preempt import PreemptionFlag
 from dinosys.train.schedules import TrainSchedules
 from dinosys.train.task import TrainTask
+from dinosys.train.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +261,3 @@ class Trainer:
         self.metrics.write(record)
         log.info("step %d kNN top-1 %s", step, result["top1"])
         return result
-
-
-def cycle(loader: Iterable) -> Iterator:
-    """Iterate forever (SSLLoader is already infinite; this also serves finite test loaders)."""
-    while True:
-        yield from loader

@@ -101,6 +101,6 @@ def truncate_after(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue
-    from dinosys.config import write_atomic
+    from dinosys.atomic import write_atomic
 
     write_atomic(path, "".join(f"{line}\n" for line in kept))

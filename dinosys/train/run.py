@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from dinosys.config import TrainConfig, save_config
-from dinosys.dist.env import DistEnv, init_distributed, seed_everything
-from dinosys.dist.fsdp import prepare_for_training
+from dinosys.distributed.env import DistEnv, init_distributed, seed_everything
+from dinosys.distributed.fsdp import prepare_for_training
 from dinosys.errors import UserError
 from dinosys.train.loop import LoopResult, Trainer
 from dinosys.train.ssl_task import SSLTask, check_finite_config
@@ -108,7 +108,7 @@ def export_teacher(task: SSLTask, cfg: TrainConfig, run_dir: Path, env: DistEnv,
     """Gather the teacher backbone (collective) and write ``run_dir/export`` on rank 0."""
     import dataclasses
 
-    from dinosys.dist.checkpoint import consolidated_state_dict
+    from dinosys.distributed.sharded_checkpoint import consolidated_state_dict
     from dinosys.export import save_native
     from dinosys.models import backbone_from_config
 

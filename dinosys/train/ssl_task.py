@@ -49,7 +49,7 @@ def collapse_stats(probs: Tensor) -> dict[str, float]:
 
 
 class SSLTask(TrainTask):
-    """DINOv2 pretraining (see REFERENCE.md "Objectives")."""
+    """DINOv2 pretraining (see docs/training.md "Objectives")."""
 
     name = "ssl"
 

@@ -11,7 +11,7 @@ from dinosys.losses import Centering, sinkhorn_knopp
 
 
 def reference_sinkhorn(t: torch.Tensor, temp: float, n_iterations: int) -> torch.Tensor:
-    """REFERENCE.md's Sinkhorn-Knopp, element by element in Python floats."""
+    """docs/training.md's Sinkhorn-Knopp, element by element in Python floats."""
     n_samples, n_protos = t.shape
     q = [[math.exp(t[b, k].item() / temp) for b in range(n_samples)] for k in range(n_protos)]
     total = sum(map(sum, q))

@@ -131,7 +131,7 @@ def test_bad_names_and_inputs():
 # equal to timm's vit_*_patch14_dinov2 at 224 plus our mask token (timm drops it).
 EXACT = {"vits14": 21_629_184, "vitb14": 85_725_696, "vitl14": 303_228_928,
          "vitg14": 1_134_771_200}
-# REFERENCE.md rounds: 21M, 86M, 300M, 1.1B.
+# docs/training.md (DINOv2) rounds: 21M, 86M, 300M, 1.1B.
 TABLE = {"vits14": 21e6, "vitb14": 86e6, "vitl14": 300e6, "vitg14": 1.1e9}
 
 

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from dinosys.dist.env import detect_layout, first_slurm_host, init_distributed, seed_everything
+from dinosys.distributed.env import (
+    detect_layout,
+    first_slurm_host,
+    init_distributed,
+    seed_everything,
+)
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
                "SLURM_LOCALID", "SLURM_NODELIST", "SLURM_JOB_NODELIST")

@@ -11,7 +11,7 @@ import torch
 
 from dinosys.config import TrainConfig
 from dinosys.data.loader import build_ssl_loader
-from dinosys.dist.env import DistEnv
+from dinosys.distributed.env import DistEnv
 from dinosys.train.loop import Trainer
 from dinosys.train.ssl_task import SSLTask
 from tests.train.test_dist_train import torchrun

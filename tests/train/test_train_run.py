@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinosys.dist.checkpoint import load_backbone_state
+from dinosys.distributed.sharded_checkpoint import load_backbone_state
 from dinosys.errors import UserError
 from dinosys.train.run import run_train
 
@@ -92,7 +92,7 @@ def test_stops_after_too_many_nonfinite_steps(tiny_cfg, tmp_path: Path) -> None:
 def test_missing_builtin_knn_folders_are_built(tiny_cfg, tmp_path: Path) -> None:
     """A recipe whose periodic kNN points at the embedded MNIST gets it built on a fresh
     machine (the training data alone is not enough to trigger the build)."""
-    from dinosys.dist.env import DistEnv
+    from dinosys.distributed.env import DistEnv
     from dinosys.train.run import ensure_builtin_sources
 
     root = tmp_path / "data" / "builtin"

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-from dinosys.dist.checkpoint import CheckpointManager, consolidated_state_dict
+from dinosys.distributed.sharded_checkpoint import CheckpointManager, consolidated_state_dict
 
 GLOBAL_BATCH = 8
 SAVE_STEP = 3

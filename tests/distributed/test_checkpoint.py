@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dinosys.config import CheckpointConfig
-from dinosys.dist.checkpoint import (
+from dinosys.distributed.sharded_checkpoint import (
     CheckpointManager,
     capture_rng_state,
     load_backbone_state,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinosys.dist.checkpoint import CheckpointManager, load_backbone_state
+from dinosys.distributed.sharded_checkpoint import CheckpointManager, load_backbone_state
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

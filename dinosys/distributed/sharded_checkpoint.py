@@ -58,8 +58,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from dinosys.config import write_atomic
-from dinosys.dist.checkpoint_state import (
+from dinosys.atomic import write_atomic
+from dinosys.distributed.state_adapters import (
     OptimizerState,
     adapt_state,
     capture_rng_state,

@@ -3,7 +3,7 @@
 ``capture_rng_state`` / ``restore_rng_state`` turn this process's RNG states into JSON data and
 back; ``reseed_rng`` is the fallback when the world size changed. ``adapt_state`` wraps the
 modules (FSDP2 or plain) and optimizers of a checkpoint's state dict as ``Stateful`` objects
-that DCP saves sharded and loads in place (see :mod:`dinosys.dist.checkpoint`).
+that DCP saves sharded and loads in place (see :mod:`dinosys.distributed.sharded_checkpoint`).
 """
 
 from __future__ import annotations

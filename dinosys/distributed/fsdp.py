@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dinosys.config import DistConfig
-from dinosys.dist.env import DistEnv
+from dinosys.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
 

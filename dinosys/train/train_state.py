@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from dinosys.config import CheckpointConfig
-from dinosys.dist.checkpoint import CheckpointManager, OptimizerState
-from dinosys.dist.env import DistEnv
+from dinosys.distributed.env import DistEnv
+from dinosys.distributed.sharded_checkpoint import CheckpointManager, OptimizerState
 from dinosys.train.task import TrainTask
 
 log = logging.getLogger(__name__)

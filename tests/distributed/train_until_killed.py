@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from dinosys.dist import checkpoint
+from dinosys.distributed import sharded_checkpoint as checkpoint
 
 
 def main() -> None:
