@@ -256,7 +256,7 @@ class LogConfig:
 
     every_n_steps: int = 10
     tensorboard: bool = False
-    peak_tflops: float | None = None  # per device; None: known GPUs (H100 989, H200 989, A100 312)
+    peak_tflops: float | None = None  # per device; None: by exact GPU name + dtype (metrics)
     progress: bool = True
 
 

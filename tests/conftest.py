@@ -50,9 +50,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     has_slurm = bool(os.environ.get("SLURM_CONF"))
     require_slurm = os.environ.get("DINOSYS_REQUIRE_SLURM") == "1"
     for item in items:
-        if "gpu" in item.keywords and not has_cuda:
+        # markers, not keywords: keywords also hold path parts (a checkout under .../gpu/)
+        if item.get_closest_marker("gpu") and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
-        if "slurm" in item.keywords and not has_slurm and not require_slurm:
+        if item.get_closest_marker("slurm") and not has_slurm and not require_slurm:
             reason = "no local Slurm (run tools/slurm_local.sh start)"
             item.add_marker(pytest.mark.skip(reason=reason))
 

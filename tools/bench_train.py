@@ -41,6 +41,7 @@ from dinosys.data.collate import collate_ssl  # noqa: E402
 from dinosys.data.masking import MaskGenerator  # noqa: E402
 from dinosys.distributed.env import DistEnv, init_distributed, seed_everything  # noqa: E402
 from dinosys.distributed.fsdp import prepare_for_training  # noqa: E402
+from dinosys.train.device_step import read_scalars  # noqa: E402
 from dinosys.train.loop import Trainer  # noqa: E402
 from dinosys.train.metrics import peak_tflops  # noqa: E402
 from dinosys.train.ssl_task import SSLTask  # noqa: E402
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> dict:
             ok, logs = trainer.train_step([batch], step)
             _sync(env.device)
             dt = time.perf_counter() - t0
+            ok, logs = bool(ok), read_scalars(logs)
             if step >= args.warmup:
                 times.append(dt)
                 applied += int(ok)

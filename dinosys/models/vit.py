@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from dinosys.config import BackboneConfig
 from dinosys.errors import ConfigError, UserError
 from dinosys.models.block import Block
+from dinosys.models.flops import drop_path_rates
 from dinosys.models.layers import LayerScale, PatchEmbed, swiglu_hidden_dim
 
 # arch -> (embed_dim, depth, num_heads, patch_size, ffn)
@@ -88,10 +89,7 @@ class DinoVisionTransformer(nn.Module):
         self.register_tokens = (nn.Parameter(torch.zeros(1, cfg.num_registers, d))
                                 if cfg.num_registers else None)
         self.mask_token = nn.Parameter(torch.zeros(1, d))
-        if cfg.drop_path_uniform:
-            rates = [cfg.drop_path_rate] * cfg.depth
-        else:
-            rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = drop_path_rates(cfg)
         hidden = swiglu_hidden_dim(d) if cfg.ffn == "swiglu" else 4 * d
         self.blocks = nn.ModuleList(
             Block(d, cfg.num_heads, cfg.ffn, hidden, cfg.layerscale_init, rate, cfg.attn_backend)

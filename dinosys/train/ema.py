@@ -1,7 +1,7 @@
 """Teacher EMA update: ``t <- m * t + (1 - m) * s`` on matching (possibly sharded) parameters.
 
 Student and teacher are sharded identically by FSDP2, so each rank updates its own local shards
-with two foreach kernels: no gathers, no communication.
+in one pass (``lerp``, reading each tensor once): no gathers, no communication.
 """
 
 from __future__ import annotations
@@ -38,9 +38,23 @@ def ema_pairs(teacher: nn.Module, student: nn.Module) -> tuple[list[torch.Tensor
 
 @torch.no_grad()
 def ema_update(teacher_tensors: Sequence[torch.Tensor], student_tensors: Sequence[torch.Tensor],
-               momentum: float) -> None:
-    """In place: ``teacher = momentum * teacher + (1 - momentum) * student``."""
+               momentum: float, apply: torch.Tensor | None = None) -> None:
+    """In place: ``teacher = momentum * teacher + (1 - momentum) * student``, in one pass.
+
+    ``apply`` (a 0-d 0/1 device tensor, e.g. "this step was finite") scales the update without
+    a host sync: 0 leaves the teacher as it was.
+    """
     if not teacher_tensors:
         return
-    torch._foreach_mul_(list(teacher_tensors), momentum)
-    torch._foreach_add_(list(teacher_tensors), list(student_tensors), alpha=1.0 - momentum)
+    teacher, student = list(teacher_tensors), list(student_tensors)
+    if apply is None:
+        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+        return
+    by_dtype: dict[tuple, torch.Tensor] = {}
+    weights = []
+    for t in teacher:  # one weight tensor per (device, dtype), shared by its tensors
+        key = (t.device, t.dtype)
+        if key not in by_dtype:
+            by_dtype[key] = (apply.to(t.device, torch.float32) * (1.0 - momentum)).to(t.dtype)
+        weights.append(by_dtype[key])
+    torch._foreach_lerp_(teacher, student, weights)

@@ -5,7 +5,6 @@ skipping, logging, checkpoint/resume, preemption and periodic kNN.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from dinosys.data.gpu_augment import apply_photometric
 from dinosys.distributed.env import DistEnv
 from dinosys.distributed.fsdp import autocast_context, set_gradient_sync
 from dinosys.errors import UserError
+from dinosys.train.device_step import finite_flag, guarded_step, read_scalars
 from dinosys.train.ema import ema_pairs, ema_update
 from dinosys.train.metrics import MetricsWriter, peak_memory_gib, peak_tflops
 from dinosys.train.optim import (
@@ -53,14 +53,6 @@ class LoopResult:
     knn: dict[str, Any] | None = None
 
 
-def all_ranks_finite(value: torch.Tensor, device: torch.device) -> bool:
-    """True when ``value`` is finite on every rank (all ranks skip a step together)."""
-    bad = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0], device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bool(bad.item() == 0)
-
-
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalar metrics across ranks (one all-reduce)."""
     if not values or not (dist.is_available() and dist.is_initialized()):
@@ -90,7 +82,7 @@ class Trainer:
         self.state = TrainState(task, self.optimizer, loader, self.run_dir / "checkpoints",
                                 cfg.checkpoint, env, cfg.seed)
         self.metrics = MetricsWriter(self.run_dir, env.is_main, cfg.log.tensorboard)
-        self.peak = peak_tflops(env.device, cfg.log.peak_tflops)
+        self.peak = peak_tflops(env.device, cfg.log.peak_tflops, cfg.dist.param_dtype)
         self.knn_sets = knn_sets
         self.inject = Counter(cfg.debug_nonfinite_steps)
 
@@ -102,11 +94,13 @@ class Trainer:
         return batches, time.perf_counter() - t0
 
     def _forward_backward(self, batches: list[Any], sched, step: int
-                          ) -> tuple[torch.Tensor, dict[str, float]]:
+                          ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Forward + backward of every micro-batch. Returns (finite flag, logs), both on the
+        device: nothing here waits for the device (dinosys.train.device_step)."""
         modules = list(self.task.trainable_modules().values())
         n = len(batches)
-        total = torch.zeros((), device=self.env.device)
-        logs: dict[str, float] = {}
+        ok = torch.ones((), device=self.env.device)
+        logs: dict[str, Any] = {}
         for i, batch in enumerate(batches):
             batch = apply_photometric(batch, self.env.device)  # data.gpu_augment: colour ops here
             set_gradient_sync(modules, i == n - 1)
@@ -116,44 +110,40 @@ class Trainer:
             if i == 0 and self.inject[step] > 0:
                 self.inject[step] -= 1
                 loss = loss * float("nan")
-            if not all_ranks_finite(loss.detach(), self.env.device):
-                return torch.tensor(float("nan")), logs
+            ok = ok * finite_flag(loss)
             (loss / n).backward()
-            total += loss.detach() / n
-            keys = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
-            values = torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist()
-            values_by_key = dict(zip(keys, values))  # one device sync for every logged scalar
             for key, value in out.items():
-                v = values_by_key[key] if key in values_by_key else float(value)
+                v = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
                 logs[key] = logs.get(key, 0.0) + v / n
-        return total, logs
+        return ok, logs
 
-    def train_step(self, batches: list[Any], step: int) -> tuple[bool, dict[str, float]]:
-        """One optimisation step (with accumulation). Returns (applied, logs); a non-finite loss
-        or gradient norm leaves weights, optimizer, EMA and task state as they were."""
+    def train_step(self, batches: list[Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One optimisation step (with accumulation). Returns (applied, logs) as device tensors
+        (read them with :func:`dinosys.train.device_step.read_scalars`, after the step); a
+        non-finite loss or gradient norm leaves weights, optimizer, EMA and task state as they
+        were, decided on the device where the optimizer is fused."""
         sched = self.schedules.at(step)
         apply_schedule(self.optimizer, sched.lr, sched.weight_decay, sched.last_layer_frozen)
         saved_task_state = {k: v.clone() for k, v in self.task.extra_state().items()}
         self.optimizer.zero_grad(set_to_none=True)
-        loss, logs = self._forward_backward(batches, sched, step)
+        ok, logs = self._forward_backward(batches, sched, step)
         modules = self.task.trainable_modules()
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            if sched.last_layer_frozen:
-                zero_last_layer_grads(modules.values())
-            norms = clip_grad_per_module(modules, self.cfg.optim.clip_grad)
-            finite = all(math.isfinite(v) for v in norms.values())
-            logs.update({f"grad_norm/{k}": v for k, v in norms.items()})
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.task.load_extra_state(saved_task_state)
-            return False, logs
-        self.optimizer.step()
+        if sched.last_layer_frozen:
+            zero_last_layer_grads(modules.values())
+        norms = clip_grad_per_module(modules, self.cfg.optim.clip_grad)
+        for norm in norms.values():
+            ok = ok * finite_flag(norm)
+        logs.update({f"grad_norm/{k}": v for k, v in norms.items()})
+        guarded_step(self.optimizer, ok)
         self.optimizer.zero_grad(set_to_none=True)
         for t_list, s_list in self.ema:
-            ema_update(t_list, s_list, sched.momentum)
+            ema_update(t_list, s_list, sched.momentum, apply=ok)
+        if saved_task_state:  # a skipped step keeps the task state (centres) it started with
+            current = self.task.extra_state()
+            self.task.load_extra_state({k: torch.where(ok > 0, current[k], v)
+                                        for k, v in saved_task_state.items()})
         logs.update(sched.as_dict())
-        return True, logs
+        return ok > 0, logs
 
     # ------------------------------------------------------------------ the loop
 
@@ -191,6 +181,7 @@ class Trainer:
                 if self.env.device.type == "cuda":
                     torch.cuda.synchronize(self.env.device)
                 dt = time.perf_counter() - t0
+                applied = bool(applied)  # the device is idle here: no extra wait
                 if not applied:
                     skipped += 1
                     consecutive += 1
@@ -233,9 +224,9 @@ class Trainer:
             self.metrics.close()
         return LoopResult("finished", step, skipped, last, knn_result)
 
-    def _log(self, step: int, logs: dict[str, float], window: dict[str, float],
+    def _log(self, step: int, logs: dict[str, Any], window: dict[str, float],
              skipped: int) -> dict[str, Any]:
-        logs = mean_over_ranks(logs, self.env.device)
+        logs = mean_over_ranks(read_scalars(logs), self.env.device)
         world = self.env.world_size
         t = max(window["t"], 1e-9)
         flops = window["flops"] * world

@@ -14,21 +14,55 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# dense bf16 peak TFLOP/s per device by name fragment (no sparsity)
-KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "B200": 2250.0,
-                     "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+# Dense (no sparsity) datasheet peaks in TFLOP/s by the exact name torch.cuda.get_device_name
+# reports, per compute dtype: bf16/fp16 tensor cores, tf32 (fp32 matmuls with TF32 allowed),
+# and plain fp32. A PCIe or NVL part is not its SXM sibling: each name is listed on its own.
+_H100_SXM = {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}
+_H100_PCIE = {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2}
+_H_NVL = {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}
+_A100 = {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "NVIDIA H100 80GB HBM3": _H100_SXM,
+    "NVIDIA H100 PCIe": _H100_PCIE,
+    "NVIDIA H100 NVL": _H_NVL,
+    "NVIDIA H800": _H100_SXM,
+    "NVIDIA H200": _H100_SXM,
+    "NVIDIA H200 NVL": _H_NVL,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA L40S": {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6},
+}
 
 
-def peak_tflops(device: torch.device, configured: float | None) -> float | None:
-    """Peak TFLOP/s of one device: the configured value, a known GPU's, or None (unknown/CPU)."""
+def matmul_dtype(dtype: str) -> str:
+    """The tensor-core dtype an ``fp32``/``bf16``/``fp16`` run's matmuls use: fp32 matmuls
+    run as tf32 unless torch's float32 matmul precision is "highest"."""
+    if dtype == "fp32":
+        return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return dtype
+
+
+def known_peak_tflops(device_name: str, dtype: str) -> float | None:
+    """The datasheet peak of ``device_name`` (exact name) for ``dtype``, or None if unknown."""
+    return PEAK_TFLOPS.get(device_name.strip(), {}).get(matmul_dtype(dtype))
+
+
+def peak_tflops(device: torch.device, configured: float | None,
+                dtype: str = "bf16") -> float | None:
+    """Peak TFLOP/s of one device for ``dtype``: the configured value, else the table's entry
+    for this exact device name, else None (CPU, or a GPU the table does not know: logged)."""
     if configured is not None:
         return float(configured)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in KNOWN_PEAK_TFLOPS.items():
-            if key in name:
-                return value
-    return None
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = known_peak_tflops(name, dtype)
+    if peak is None:
+        log.warning("no known %s peak for device %r: MFU is not reported (set the peak by "
+                    "hand: log.peak_tflops / --peak-tflops)", matmul_dtype(dtype), name)
+    return peak
 
 
 def peak_memory_gib(device: torch.device) -> float:

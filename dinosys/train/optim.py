@@ -74,11 +74,26 @@ def build_param_groups(modules: Mapping[str, nn.Module], depth: int, cfg: OptimC
     return list(groups.values())
 
 
+def _fused_capable(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters: plain (not DTensor)
+    floating-point tensors on one CUDA device, or on the CPU."""
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in ("cuda", "cpu")
+            and all(type(p) is nn.Parameter or type(p) is torch.Tensor for p in params)
+            and all(p.is_floating_point() for p in params))
+
+
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the groups; lr and weight decay are set every step by :func:`apply_schedule`."""
+    """AdamW over the groups; lr and weight decay are set every step by :func:`apply_schedule`.
+
+    The fused kernel (one launch for all parameters, and able to skip a non-finite step on
+    the device: dinosys.train.device_step) where the parameters allow it, else foreach.
+    """
     torch_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and _fused_capable(params)
     return torch.optim.AdamW(torch_groups, lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=0.0, foreach=True)
+                             weight_decay=0.0, **({"fused": True} if fused else {"foreach": True}))
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
@@ -98,13 +113,15 @@ def zero_last_layer_grads(modules: Iterable[nn.Module]) -> None:
                 param.grad = None
 
 
-def clip_grad_per_module(modules: Mapping[str, nn.Module], max_norm: float) -> dict[str, float]:
+def clip_grad_per_module(modules: Mapping[str, nn.Module], max_norm: float
+                         ) -> dict[str, torch.Tensor]:
     """Clip each module's gradients separately (DINOv2 clips backbone and heads one by one).
 
-    Works on plain and FSDP2 (DTensor) gradients. Returns each module's norm before clipping.
-    ``max_norm <= 0`` only measures.
+    Works on plain and FSDP2 (DTensor) gradients. Returns each module's norm before clipping as
+    a 0-d device tensor (no host sync; non-finite when a gradient is). ``max_norm <= 0`` only
+    measures.
     """
-    norms: dict[str, float] = {}
+    norms: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, module in modules.items():
         params = [p for p in module.parameters() if p.grad is not None and id(p) not in seen]
@@ -117,5 +134,5 @@ def clip_grad_per_module(modules: Mapping[str, nn.Module], max_norm: float) -> d
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        norms[key] = float(norm)
+        norms[key] = norm.detach()
     return norms

@@ -21,6 +21,7 @@ from dinosys.losses.ibot import ibot_loss
 from dinosys.losses.koleo import koleo_loss
 from dinosys.losses.normalize import Centering, sinkhorn_knopp
 from dinosys.models import backbone_forward_flops, backbone_from_config
+from dinosys.models.flops import group_train_flops
 from dinosys.models.heads import build_heads
 from dinosys.train.schedules import ScheduleValues
 from dinosys.train.task import TrainTask
@@ -35,17 +36,18 @@ def linear_flops(module: nn.Module) -> float:
 
 
 @torch.no_grad()
-def collapse_stats(probs: Tensor) -> dict[str, float]:
+def collapse_stats(probs: Tensor) -> dict[str, Tensor]:
     """Teacher output entropy (mean per sample) and KL(mean prediction || uniform), in nats.
 
     Collapse to one prototype drives both entropy and the batch mean's entropy to 0 (KL to
     uniform -> log K); collapse to uniform outputs drives entropy to log K and KL to 0.
+    Returned as 0-d device tensors: reading them is left to the logger (no host sync here).
     """
     p = probs.float()
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
     mean = p.mean(0)
     kl_uniform = (mean * (mean.clamp_min(1e-12) * p.shape[-1]).log()).sum()
-    return {"teacher_entropy": float(entropy), "teacher_kl_uniform": float(kl_uniform)}
+    return {"teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform}
 
 
 class SSLTask(TrainTask):
@@ -129,7 +131,7 @@ class SSLTask(TrainTask):
 
     @torch.no_grad()
     def _teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, temp: float
-                         ) -> tuple[Tensor, Tensor, dict[str, float]]:
+                         ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         out = self.teacher["backbone"](global_crops)
         cls = out["x_norm_clstoken"]
         patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
@@ -182,26 +184,37 @@ class SSLTask(TrainTask):
 
     # -------------------------------------------------------------- accounting
 
-    def _backbone_flops(self, size: int) -> float:
-        key = ("bb", size)
+    def _student_backbone_flops(self, size: int, n: int) -> float:
+        key = ("student", size, n)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = group_train_flops(self.cfg.model, size, n)
+        return self._flops_cache[key]
+
+    def _teacher_backbone_flops(self, size: int) -> float:
+        key = ("teacher", size)
         if key not in self._flops_cache:
             self._flops_cache[key] = backbone_forward_flops(self.cfg.model, size)
         return self._flops_cache[key]
 
     def step_flops(self, batch: Mapping[str, Any]) -> float:
-        """Student forward+backward (3x forward) over all crops + teacher forward over the
-        global crops, backbone and heads, on this rank's batch."""
+        """Model FLOPs of one step on this rank's batch: the student's forward + backward over
+        every crop (each crop-size group as the backbone runs it, with efficient stochastic
+        depth counting only the samples its branches compute), the student heads' forward +
+        backward, and the teacher's forward (backbone on the global crops, heads). Activation
+        checkpointing recompute is not counted."""
         g = batch["global_crops"]
         loc = batch["local_crops"]
         n_g, n_l = g.shape[0], (loc.shape[0] if loc.numel() else 0)
         m = int(batch["n_masked"])
-        bb_g = self._backbone_flops(g.shape[-1]) * n_g
-        bb_l = self._backbone_flops(loc.shape[-1]) * n_l if n_l else 0.0
+        bb_student = self._student_backbone_flops(g.shape[-1], n_g)
+        if n_l:
+            bb_student += self._student_backbone_flops(loc.shape[-1], n_l)
+        bb_teacher = self._teacher_backbone_flops(g.shape[-1]) * n_g
         dino_h = self._head_flops["dino_head"]
         ibot_h = self._head_flops.get("ibot_head", dino_h)
         heads_student = dino_h * (n_g + n_l) + ibot_h * m
         heads_teacher = dino_h * n_g + ibot_h * m
-        return 3.0 * (bb_g + bb_l + heads_student) + bb_g + heads_teacher
+        return bb_student + 3.0 * heads_student + bb_teacher + heads_teacher
 
 
 def check_finite_config(cfg: TrainConfig) -> None:

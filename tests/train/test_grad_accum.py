@@ -12,6 +12,7 @@ import torch
 from dinosys.config import TrainConfig
 from dinosys.data.loader import build_ssl_loader
 from dinosys.distributed.env import DistEnv
+from dinosys.train.device_step import read_scalars
 from dinosys.train.loop import Trainer
 from dinosys.train.ssl_task import SSLTask
 from tests.train.test_dist_train import torchrun
@@ -87,6 +88,8 @@ def test_accumulated_step_equals_the_merged_batch_step(tiny_cfg, tmp_path: Path)
         pair = micro[2 * (step - 1): 2 * step]
         ok_a, logs_a = accum.train_step(pair, step)
         ok_m, logs_m = merged.train_step([merge_batches(*pair)], step)
+        ok_a, ok_m = bool(ok_a), bool(ok_m)
+        logs_a, logs_m = read_scalars(logs_a), read_scalars(logs_m)
         assert ok_a and ok_m
         assert logs_a["loss"] == pytest.approx(logs_m["loss"], rel=1e-6)
         for key in ("dino_loss", "dino_global_loss", "dino_local_loss", "ibot_loss"):
@@ -102,9 +105,11 @@ def test_accumulated_step_equals_the_merged_batch_step(tiny_cfg, tmp_path: Path)
         a = flat_state(getattr(accum.task, part))
         m = flat_state(getattr(merged.task, part))
         for name in m:
+            # atol: Adam divides by sqrt(v) + eps, so an entry whose gradient is ~0 moves by a
+            # float-rounding-sized amount that the fused kernel does not cancel exactly
             torch.testing.assert_close(without_key_bias(name, a[name]),
-                                       without_key_bias(name, m[name]), rtol=1e-6, atol=1e-7,
-                                       msg=f"{part}.{name}")
+                                       without_key_bias(name, m[name]), rtol=1e-6, atol=1e-6,
+                                       msg=lambda m, name=name, part=part: f"{part}.{name}: {m}")
     moved = max((flat_state(accum.task.student)[k] - v).abs().max().item()
                 for k, v in initial.items())
     assert moved > 1e-4  # the steps really changed the weights

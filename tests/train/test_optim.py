@@ -86,7 +86,7 @@ def test_clip_per_module() -> None:
         p.grad = torch.full_like(p, 10.0)
     for p in b.parameters():
         p.grad = torch.full_like(p, 0.01)
-    norms = clip_grad_per_module({"a": a, "b": b}, max_norm=1.0)
+    norms = {k: float(v) for k, v in clip_grad_per_module({"a": a, "b": b}, max_norm=1.0).items()}
     assert norms["a"] == pytest.approx(10.0 * (20 ** 0.5), rel=1e-4)
     after_a = torch.cat([p.grad.flatten() for p in a.parameters()]).norm()
     after_b = torch.cat([p.grad.flatten() for p in b.parameters()]).norm()
