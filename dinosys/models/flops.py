@@ -77,7 +77,7 @@ def drop_path_rates(cfg: BackboneConfig) -> list[float]:
     cfg = _resolved(cfg)
     if cfg.drop_path_uniform:
         return [cfg.drop_path_rate] * cfg.depth
-    return torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+    return torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
 
 
 def branch_batch(batch: int, rate: float) -> int:
