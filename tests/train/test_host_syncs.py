@@ -18,7 +18,7 @@ import torch
 from dinosys.config import TrainConfig, load_config
 from dinosys.data.collate import collate_ssl
 from dinosys.data.masking import MaskGenerator
-from dinosys.dist.env import DistEnv
+from dinosys.distributed.env import DistEnv
 from dinosys.train.device_step import read_scalars
 from dinosys.train.loop import Trainer
 from dinosys.train.ssl_task import SSLTask

@@ -13,7 +13,7 @@ import torch
 import dinosys.train.ssl_task as ssl_task
 from dinosys.config import TrainConfig
 from dinosys.data.loader import build_ssl_loader
-from dinosys.dist.env import DistEnv
+from dinosys.distributed.env import DistEnv
 from dinosys.losses.normalize import Centering
 from dinosys.train.loop import Trainer
 from dinosys.train.ssl_task import SSLTask
