@@ -159,12 +159,14 @@ class DinoVisionTransformer(nn.Module):
         return tokens
 
     def _outputs(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
-        x_norm = self.norm(x)
         r = self.num_register_tokens
+        # LayerNorm acts per token, so normalising each part separately equals slicing the
+        # normalised whole; it returns fresh tensors instead of views of one (FSDP2 warns about
+        # views returned from a sharded module: an in-place op on one would skip its hook)
         return {
-            "x_norm_clstoken": x_norm[:, 0],
-            "x_norm_regtokens": x_norm[:, 1 : r + 1],
-            "x_norm_patchtokens": x_norm[:, r + 1 :],
+            "x_norm_clstoken": self.norm(x[:, 0]),
+            "x_norm_regtokens": self.norm(x[:, 1 : r + 1]),
+            "x_norm_patchtokens": self.norm(x[:, r + 1 :]),
             "x_prenorm": x,
             "masks": masks,
         }
@@ -186,8 +188,13 @@ class DinoVisionTransformer(nn.Module):
             hs = blk(hs)
         per_crop: list[Tensor] = [torch.empty(0)] * len(xs)
         for idx, h in zip(members, hs):
+            if len(idx) == 1:
+                per_crop[idx[0]] = h
+                continue
+            # copies, not views of the group's tensor: FSDP2 warns about views returned from a
+            # sharded module (an in-place op on one would skip its pre-backward hook)
             for i, part in zip(idx, h.split([tokens[i].shape[0] for i in idx])):
-                per_crop[i] = part
+                per_crop[i] = part.clone()
         return [self._outputs(h, m) for h, m in zip(per_crop, masks)]
 
     def forward(self, x: Tensor | Sequence[Tensor],

@@ -170,3 +170,14 @@ def test_backbone_from_config_resolves_fields():
     assert model.cfg.embed_dim == 192 and model.cfg.depth == 2 and len(model.blocks) == 2
     assert model.cfg.num_registers == 4 and model.cfg.patch_size == 4
     assert model.cfg.ffn == "mlp"
+
+
+def test_outputs_are_not_views_of_one_tensor():
+    """FSDP2 warns on every rank when a sharded module returns a view (an in-place op on it
+    would skip the module's pre-backward all-gather): every output is a tensor of its own."""
+    model = create_backbone("vit_tiny")
+    crops = [torch.randn(2, 3, 28, 28), torch.randn(2, 3, 28, 28), torch.randn(2, 3, 12, 12)]
+    for out in model(crops, masks=[None] * 3) + [model(crops[0])]:
+        for key, value in out.items():
+            if torch.is_tensor(value):
+                assert value._base is None, f"{key} is a view"
