@@ -7,6 +7,9 @@ never defined. timm imports torchvision, so timm fails too. Defining the two op 
 needs (``torchvision::nms`` and ``torchvision::qnms``) with ``torch.library`` lets the import
 finish; the ops themselves stay unusable (calling them raises), which timm's ViTs never do.
 On machines where torchvision imports normally nothing is changed.
+
+Importing this module is enough: ``import dinosys.export.compat`` then ``import timm`` (or
+``transformers``, ``open_clip``) works. The helpers below do the same on demand.
 """
 
 from __future__ import annotations
@@ -79,3 +82,14 @@ def import_transformers() -> ModuleType:
         except ImportError:
             pass
     return importlib.import_module("transformers")
+
+
+def _make_torchvision_importable() -> None:
+    """Run at import: afterwards a plain ``import timm`` works (torchvision absent: nothing)."""
+    try:
+        import_torchvision()
+    except ImportError:
+        pass
+
+
+_make_torchvision_importable()

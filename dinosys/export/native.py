@@ -86,6 +86,11 @@ def model_card(config: dict, card: dict | None = None, formats: list[str] | None
     if "hf" in formats:
         lines += ["", "Hugging Face: `transformers.AutoModel.from_pretrained('THIS_DIR/hf')`; "
                   "`last_hidden_state[:, 0]` is the cls token."]
+    if "timm" in formats or "hf" in formats:
+        lines += ["", "If `import timm` or `import transformers` fails with `operator "
+                  "torchvision::nms does not exist` (a torchvision build that does not match "
+                  "torch, such as a CUDA torchvision beside a CPU torch), run "
+                  "`import dinosys.export.compat` first."]
     if "onnx" in formats:
         lines += ["", "ONNX: `onnx/model.onnx`, input `pixel_values` (N, 3, H, W) at the "
                   "exported size, outputs `cls_token` (N, D) and `patch_tokens` (N, P, D)."]
