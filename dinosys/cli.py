@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dinosys.errors import NotAvailableError, UserError
+from dinosys.names import check_name
 
 NOT_YET = {
     "clip": "CLIP image-text training is not built yet (planned after the SSL trainer)",
@@ -25,7 +26,7 @@ NOT_YET = {
 
 def default_run_dir(name: str) -> Path:
     """A new run directory under runs/, named after the recipe and the start time."""
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{check_name(name, 'config name')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def print_json(obj: dict) -> None:

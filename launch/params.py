@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dinosys.errors import UserError
+from dinosys.names import check_name, check_script_value
 from launch.jobs import PreparedJob
 
 
@@ -73,8 +74,11 @@ def slurm_parameters(args: argparse.Namespace, job: PreparedJob,
     else:
         nodes, ntasks, gpus = 1, 1, min(args.gpus_per_node, 1)
     stage = f"-{job.stage}" if job.stage else ""
+    if args.name is not None:
+        check_name(args.name, "--name")
     params: dict[str, Any] = {
-        "job_name": (args.name or f"dinosys-{job.kind}-{job.name}") + stage,
+        "job_name": check_name((args.name or f"dinosys-{job.kind}-{job.name}") + stage,
+                               "job name"),
         "time": args.timeout_min,
         "nodes": nodes,
         "ntasks_per_node": ntasks,
@@ -88,7 +92,8 @@ def slurm_parameters(args: argparse.Namespace, job: PreparedJob,
         "cpus_per_task": args.cpus_per_task, "gpus_per_node": gpus or None,
         "mem": None if args.mem_gb is None else _mem(args.mem_gb), "dependency": dependency,
     }
-    params.update({k: v for k, v in optional.items() if v is not None})
+    params.update({k: check_script_value(v, f"--{k.replace('_', '-')}")
+                   for k, v in optional.items() if v is not None})
     return params
 
 
@@ -96,6 +101,7 @@ def sbatch_script(params: dict[str, Any], folder: Path, array_size: int = 0) -> 
     """The sbatch script submitit writes for these parameters (shown by --dry-run)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
+    check_script_value(folder, "run directory")
     python = shlex.quote(sys.executable)
     command = f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     return _make_sbatch_string(command=command, folder=folder, map_count=array_size or None,

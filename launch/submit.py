@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from dinosys.atomic import write_atomic  # noqa: E402
 from dinosys.errors import NotAvailableError, UserError  # noqa: E402
+from dinosys.names import check_name, check_script_value  # noqa: E402
 from launch.jobs import JOB_KINDS, PreparedJob, prepare_jobs  # noqa: E402
 from launch.params import default_parts, sbatch_script, slurm_parameters, tasks_per_node  # noqa: E402
 from launch.task import Task  # noqa: E402
@@ -95,9 +96,10 @@ def run_dir_template(args: argparse.Namespace, job: PreparedJob) -> str:
     """``--out``, or ``runs/<name>-%j`` (``%A`` for an array), absolute: tasks may start
     elsewhere. Tasks replace the placeholder with their job id."""
     if args.out:
-        return str(Path(args.out).resolve())
+        return str(check_script_value(Path(args.out).resolve(), "--out"))
     tag = "%A" if job.array_size else "%j"
-    return str((Path("runs") / f"{args.name or job.name}-{tag}").resolve())
+    name = check_name(args.name or job.name, "--name" if args.name else "config name")
+    return str((Path("runs") / f"{name}-{tag}").resolve())
 
 
 def write_submission_record(run_dir: Path, job: PreparedJob, argv: Sequence[str],
@@ -235,8 +237,11 @@ def run_local(args: argparse.Namespace, jobs: list[PreparedJob], argv: Sequence[
         raise UserError(f"--local runs on this machine only: --nodes must be 1, got {args.nodes}")
     tasks_per_node(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = (Path(args.out) if args.out
-               else Path("runs") / f"{args.name or jobs[0].name}-local-{stamp}").resolve()
+    if args.out:
+        run_dir = Path(args.out).resolve()
+    else:
+        name = check_name(args.name or jobs[0].name, "--name" if args.name else "config name")
+        run_dir = (Path("runs") / f"{name}-local-{stamp}").resolve()
     info: dict[str, Any] = {"executor": "local", "kind": jobs[0].kind, "run_dir": run_dir,
                             "max_requeues": args.max_requeues, "submitted_at": _now()}
     write_submission_record(run_dir, jobs[0], argv, info, {})
