@@ -6,8 +6,11 @@ always written: ``dinosys.export.load`` reads them) and, per requested format,
 pretrained=True)``), ``hf/`` (``Dinov2Model`` / ``Dinov2WithRegistersModel`` config + weights +
 image-processor config: ``AutoModel.from_pretrained(DIR/hf)``), ``onnx/model.onnx`` (input
 ``pixel_values`` at the native size, dynamic batch; outputs ``cls_token``, ``patch_tokens``).
-Each format is checked after writing against our model on one random image: the maximum
-absolute feature difference is reported in the summary.
+Each format, native included, is checked after writing by loading it exactly as the model card
+tells a user to (``dinosys.export.load``, timm ``local-dir:``, ``AutoModel.from_pretrained``, an
+onnxruntime session) and comparing its features with our model's on random images: the maximum
+absolute difference is reported in the summary, and an export whose features differ by more
+than ``CHECK_TOLERANCE`` (relative to the feature scale) fails.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -25,12 +29,13 @@ from torch import nn
 from dinosys.atomic import atomic_directory
 from dinosys.errors import UserError
 from dinosys.export import convert
-from dinosys.export.native import write_native
+from dinosys.export.native import FORMAT_NAME, write_native
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("native", "timm", "hf", "onnx")
 ONNX_OPSET = 17
+CHECK_TOLERANCE = 1e-3
 
 
 def _probe(backbone: nn.Module, batch: int = 2) -> tuple[torch.Tensor, dict]:
@@ -46,12 +51,19 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def export_timm(backbone: nn.Module, out: Path, config: dict) -> dict:
-    """``out/timm``: weights in timm's layout and a timm ``config.json``; checked with timm."""
+    """``out/timm``: weights in timm's layout and a timm ``config.json``; checked by loading it
+    the way the model card says (``timm.create_model('local-dir:DIR/timm', pretrained=True)``).
+
+    The timm model the weights are converted into is itself built from the written config
+    (``local-dir:``, not pretrained), so the file holds exactly the keys that a user's load
+    expects, with or without LayerScale, registers or SwiGLU.
+    """
+    from dinosys.export.compat import import_timm
+
     try:
-        timm_model = convert.create_timm_model(backbone.cfg).eval()
+        timm = import_timm()
     except ImportError as exc:
         raise UserError("export format 'timm' needs timm (pip install 'dinosys[export]')") from exc
-    convert.load_into_timm(backbone.state_dict(), timm_model)
     name, args = convert.timm_model_spec(backbone.cfg)
     size = backbone.cfg.img_size
     timm_cfg = {
@@ -74,13 +86,22 @@ def export_timm(backbone: nn.Module, out: Path, config: dict) -> dict:
     }
     sub = out / "timm"
     sub.mkdir()
-    state = {k: v.detach().contiguous() for k, v in timm_model.state_dict().items()}
-    save_file(state, str(sub / "model.safetensors"), metadata={"format": "pt"})
     (sub / "config.json").write_text(json.dumps(timm_cfg, indent=2) + "\n")
+    source = f"local-dir:{sub}"
+    skeleton = timm.create_model(source, pretrained=False)
+    convert.load_into_timm(backbone.state_dict(), skeleton)
+    state = {k: v.detach().contiguous() for k, v in skeleton.state_dict().items()}
+    save_file(state, str(sub / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        timm_model = timm.create_model(source, pretrained=True).eval()
+    except RuntimeError as exc:  # a key mismatch: the export would not load for its users
+        raise RuntimeError(f"the timm export does not load with create_model('{source}', "
+                           f"pretrained=True): {exc}") from exc
     x, ref = _probe(backbone)
     with torch.no_grad():
         feats = timm_model.forward_features(x)
-    return {"architecture": name,
+    return {"architecture": name, "loaded_with": "timm.create_model('local-dir:DIR/timm', "
+            "pretrained=True)",
             "max_abs_diff": max(_max_diff(feats[:, 0], ref["x_norm_clstoken"]),
                                 _max_diff(feats[:, timm_model.num_prefix_tokens:],
                                           ref["x_norm_patchtokens"]))}
@@ -123,12 +144,13 @@ def export_hf(backbone: nn.Module, out: Path, config: dict) -> dict:
     except ImportError:
         log.warning("transformers not installed: hf export written but not checked")
         return {"architecture": hf_cfg["architectures"][0], "max_abs_diff": None}
-    hf_model = tf.AutoModel.from_pretrained(str(sub)).eval()
+    hf_model = tf.AutoModel.from_pretrained(str(sub)).eval()  # as the model card says
     x, ref = _probe(backbone)
     with torch.no_grad():
         hidden = hf_model(pixel_values=x).last_hidden_state
     r = backbone.num_register_tokens
     return {"architecture": hf_cfg["architectures"][0],
+            "loaded_with": "transformers.AutoModel.from_pretrained(DIR/hf)",
             "max_abs_diff": max(_max_diff(hidden[:, 0], ref["x_norm_clstoken"]),
                                 _max_diff(hidden[:, 1 + r:], ref["x_norm_patchtokens"]))}
 
@@ -176,10 +198,36 @@ def export_onnx(backbone: nn.Module, out: Path) -> dict:
         log.warning("onnxruntime not installed: onnx export written but not checked")
         return result
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    result["loaded_with"] = "onnxruntime.InferenceSession(DIR/onnx/model.onnx)"
     cls, patches = session.run(None, {"pixel_values": x.numpy()})
     result["max_abs_diff"] = max(_max_diff(torch.from_numpy(cls), ref["x_norm_clstoken"]),
                                  _max_diff(torch.from_numpy(patches), ref["x_norm_patchtokens"]))
     return result
+
+
+def check_native(backbone: nn.Module, out: Path) -> dict:
+    """Load the native files with ``dinosys.export.load`` (as the model card says) and compare."""
+    from dinosys.export.loading import load_exported
+
+    loaded = load_exported(out)
+    x, ref = _probe(backbone)
+    with torch.no_grad():
+        got = loaded(x)
+    return {"loaded_with": "dinosys.export.load(DIR)",
+            "max_abs_diff": max(_max_diff(got["x_norm_clstoken"], ref["x_norm_clstoken"]),
+                                _max_diff(got["x_norm_patchtokens"], ref["x_norm_patchtokens"]))}
+
+
+def _enforce_checks(checks: dict[str, dict], backbone: nn.Module) -> None:
+    """Fail the export (nothing is written) when a format's features differ from ours."""
+    _, ref = _probe(backbone)
+    scale = 1.0 + max(float(ref["x_norm_clstoken"].abs().max()),
+                      float(ref["x_norm_patchtokens"].abs().max()))
+    for fmt, check in checks.items():
+        diff = check.get("max_abs_diff")
+        if diff is not None and not diff <= CHECK_TOLERANCE * scale:
+            raise RuntimeError(f"export check failed: the {fmt} export loaded as its model card "
+                               f"says gives features that differ by {diff:.3g} from the model's")
 
 
 def _resolve_formats(formats: list[str]) -> list[str]:
@@ -188,6 +236,34 @@ def _resolve_formats(formats: list[str]) -> list[str]:
     if unknown:
         raise UserError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
     return ["native"] + [f for f in FORMATS[1:] if f in wanted]
+
+
+def is_dinosys_export(path: Path) -> bool:
+    """Whether ``path`` holds a dinosys export (its ``config.json`` says so), complete or not."""
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT_NAME
+
+
+def check_export_target(out: Path) -> Path:
+    """``out`` as an absolute path if an export may be written there, else UserError.
+
+    An export replaces its directory whole, so only a missing or empty directory or an earlier
+    dinosys export may be named: never a run directory, a folder of other files, a file, or the
+    current directory (or one holding it).
+    """
+    out = Path(os.path.abspath(out))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export --out {out} is a file; name a directory")
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise UserError(f"export --out {out} is the current directory (or holds it); name a new "
+                        "directory")
+    if out.is_dir() and any(out.iterdir()) and not is_dinosys_export(out):
+        raise UserError(f"export --out {out} is not empty and is not a dinosys export: refusing "
+                        "to replace it (name a new or empty directory, e.g. RUN/export)")
+    return out
 
 
 def export_model(model: str | Path | nn.Module, out: Path, formats: list[str],
@@ -200,18 +276,20 @@ def export_model(model: str | Path | nn.Module, out: Path, formats: list[str],
     from dinosys.export.loading import load
 
     wanted = _resolve_formats(list(formats))
+    out = check_export_target(out)
     backbone = model if isinstance(model, nn.Module) else load(model)
     backbone = backbone.eval().cpu()
-    out = Path(out)
     checks: dict[str, dict] = {}
     with atomic_directory(out) as tmp:
         config = write_native(backbone, tmp, card, wanted)
+        checks["native"] = check_native(backbone, tmp)
         if "timm" in wanted:
             checks["timm"] = export_timm(backbone, tmp, config)
         if "hf" in wanted:
             checks["hf"] = export_hf(backbone, tmp, config)
         if "onnx" in wanted:
             checks["onnx"] = export_onnx(backbone, tmp)
+        _enforce_checks(checks, backbone)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     log.info("exported %s to %s (%s)", config["architecture"]["arch"], out, ", ".join(wanted))
     return {"out": str(out), "formats": wanted, "arch": config["architecture"]["arch"],
