@@ -181,6 +181,9 @@ class DataConfig:
     decoder: str = "auto"  # auto, simplejpeg, pil
     max_image_pixels: int = 89_478_485  # Pillow's decompression-bomb limit
     gpu_augment: bool = False  # colour/blur/solarize on the training device (data/gpu_augment.py)
+    # a missing source or kNN folder inside this root (<root>/mnist/train...) gets the embedded
+    # data built there; a missing path anywhere else is "not found"
+    builtin_root: str = "data/builtin"
 
     def __post_init__(self) -> None:
         check_choice(self.decoder, ("auto", "simplejpeg", "pil"), "data.decoder")

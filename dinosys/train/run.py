@@ -38,14 +38,17 @@ def total_steps_of(cfg: TrainConfig) -> int:
 
 def ensure_builtin_sources(cfg: TrainConfig, env: DistEnv) -> None:
     """Build the embedded data when a data source or a periodic-kNN folder points into a missing
-    builtin folder (``<root>/mnist/train``, ``<root>/shards/mnist`` ...), on rank 0; others wait."""
+    builtin folder under ``data.builtin_root`` (``<root>/mnist/train``, ``<root>/shards/mnist``
+    ...), on rank 0; others wait. A missing path anywhere else is "not found", even when it
+    ends like a builtin folder (a mistyped path must not fill a random folder with MNIST)."""
     if not cfg.data.sources:
         raise UserError("no training data: set data.sources (e.g. data.sources=[{path: DIR}]) "
                         "or use the mnist_tiny_cpu recipe")
     paths = [("training data", src.path) for src in cfg.data.sources]
     if cfg.eval.knn_every_n_steps:
         paths += [("eval.knn_train", cfg.eval.knn_train), ("eval.knn_val", cfg.eval.knn_val)]
-    roots: dict[str, list[str]] = {}
+    builtin_root = Path(cfg.data.builtin_root).resolve()
+    sets: set[str] = set()
     for what, text in paths:
         if not text:
             continue  # a missing kNN folder is reported by the kNN set-up
@@ -55,13 +58,15 @@ def ensure_builtin_sources(cfg: TrainConfig, env: DistEnv) -> None:
         match = _BUILTIN_PATH.match(path.as_posix())
         if match is None:
             raise UserError(f"{what} not found: {text}")
-        roots.setdefault(match.group("root") or ".", []).append(match.group("set"))
-    if roots and env.is_main:
+        if Path(match.group("root") or ".").resolve() != builtin_root:
+            raise UserError(f"{what} not found: {text} (the embedded data is built only under "
+                            f"data.builtin_root={cfg.data.builtin_root})")
+        sets.add(match.group("set"))
+    if sets and env.is_main:
         from dinosys.data.builtin import build_builtin
 
-        for root, sets in roots.items():
-            log.info("building the embedded data %s under %s", sorted(set(sets)), root)
-            build_builtin(Path(root), sets=sorted(set(sets)))
+        log.info("building the embedded data %s under %s", sorted(sets), builtin_root)
+        build_builtin(builtin_root, sets=sorted(sets))
     env.barrier()
 
 

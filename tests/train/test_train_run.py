@@ -97,7 +97,7 @@ def test_missing_builtin_knn_folders_are_built(tiny_cfg, tmp_path: Path) -> None
 
     root = tmp_path / "data" / "builtin"
     cfg = tiny_cfg("eval.knn_every_n_steps=5", f"eval.knn_train={root / 'mnist' / 'train'}",
-                   f"eval.knn_val={root / 'mnist' / 'val'}")
+                   f"eval.knn_val={root / 'mnist' / 'val'}", f"data.builtin_root={root}")
     ensure_builtin_sources(cfg, DistEnv())
     assert len(list((root / "mnist" / "val").rglob("*.png"))) == 1000
     cfg = tiny_cfg("eval.knn_every_n_steps=5", f"eval.knn_train={tmp_path / 'nowhere'}",
