@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dinosys.dist.env import DistEnv
+from dinosys.distributed.env import DistEnv
 from dinosys.errors import UserError
 from dinosys.train.run import ensure_builtin_sources
 
