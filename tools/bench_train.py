@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -36,14 +37,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timm_baseline import timm_fwd_bwd, timm_name  # noqa: E402
+
+from dinosys.atomic import write_atomic  # noqa: E402
 from dinosys.config import TrainConfig, load_config  # noqa: E402
 from dinosys.data.collate import collate_ssl  # noqa: E402
 from dinosys.data.masking import MaskGenerator  # noqa: E402
 from dinosys.distributed.env import DistEnv, init_distributed, seed_everything  # noqa: E402
 from dinosys.distributed.fsdp import prepare_for_training  # noqa: E402
+from dinosys.distributed.layout import apply_single_device_layout  # noqa: E402
 from dinosys.train.device_step import read_scalars  # noqa: E402
 from dinosys.train.loop import Trainer  # noqa: E402
 from dinosys.train.metrics import peak_tflops  # noqa: E402
+from dinosys.train.profiling import format_profile, profile_steps  # noqa: E402
 from dinosys.train.ssl_task import SSLTask  # noqa: E402
 
 log = logging.getLogger("bench_train")
@@ -67,8 +73,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="compute dtype (dist.param_dtype)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
-    p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--fsdp", action="store_true", help="FSDP2 (also on a single device)")
+    p.add_argument("--act-ckpt", action="store_true",
+                   help="force activation checkpointing per block")
+    p.add_argument("--fsdp", action="store_true", help="force FSDP2 (also on a single device)")
+    p.add_argument("--layout", choices=["auto", "config"], default="auto",
+                   help="auto: on one device, no FSDP2 and no activation checkpointing when the "
+                        "step fits (dinosys.distributed.layout; --fsdp/--act-ckpt force them); "
+                        "config: as the config says")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more steps (torch.profiler summary: top "
+                        "kernels, share of GEMM/attention/elementwise/optimizer/idle)")
+    p.add_argument("--timm-baseline", action="store_true",
+                   help="also time timm's DINOv2 ViT forward+backward on the same crops")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the JSON here (and the profile next to it: NAME.profile.txt)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -142,10 +160,17 @@ def peak_memory(device: torch.device) -> tuple[float, float | None]:
 def run(args: argparse.Namespace) -> dict:
     cfg = build_config(args)
     env = setup_env(args)
+    layout_reason = "as configured"
+    if args.layout == "auto" and not env.is_distributed and not (args.fsdp or args.act_ckpt):
+        cfg, layout = apply_single_device_layout(cfg, env)
+        layout_reason = layout.reason
     seed_everything(cfg.seed, env.rank)
-    task = SSLTask(cfg, env.device)
+    with torch.device(env.device):  # initialise on the device: seconds, not minutes, for ViT-g
+        task = SSLTask(cfg, env.device)
     prepare_for_training(task.student, task.teacher, env, cfg.dist)  # FSDP2 when sharding
     batch = synthetic_batch(cfg, task.patch_size, env.device)
+    step_flops = task.step_flops(batch)
+    n_params = sum(p.numel() for p in task.student["backbone"].parameters())  # DTensor: global
     world = env.world_size
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         trainer = Trainer(task, None, cfg, env, Path(tmp), cfg.max_steps,
@@ -167,6 +192,20 @@ def run(args: argparse.Namespace) -> dict:
             if env.is_main:
                 log.info("step %d: %.1f ms, loss %.4f%s", step, dt * 1e3,
                          logs.get("loss", float("nan")), "" if ok else " (skipped: non-finite)")
+        profile = None
+        if args.profile:
+            step_no = iter(range(args.warmup + args.steps, 10**9))
+            profile = profile_steps(lambda: trainer.train_step([batch], next(step_no)),
+                                    args.profile, env.device)
+    timm = None
+    if args.timm_baseline:
+        crops = [batch["global_crops"]]
+        if batch["local_crops"].numel():
+            crops.append(batch["local_crops"])
+        del trainer, task  # free the device for timm
+        gc.collect()
+        timm = timm_fwd_bwd(timm_name(cfg.model.arch), crops, cfg.dist.param_dtype, args.steps,
+                            args.warmup, cfg.model.drop_path_rate)
     # the slowest rank sets the pace
     mean_t = sum(times) / len(times)
     if world > 1:
@@ -175,10 +214,9 @@ def run(args: argparse.Namespace) -> dict:
         t = torch.tensor([mean_t], dtype=torch.float64, device=env.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         mean_t = float(t.item())
-    flops = task.step_flops(batch)  # per rank, model FLOPs (no recompute)
-    peak = peak_tflops(env.device, args.peak_tflops)
+    flops = step_flops  # per rank, model FLOPs (no recompute)
+    peak = peak_tflops(env.device, args.peak_tflops, cfg.dist.param_dtype)
     mem_alloc, mem_reserved = peak_memory(env.device)
-    n_params = sum(p.numel() for p in task.student["backbone"].parameters())  # DTensor: global
     result = {
         "arch": cfg.model.arch, "backbone_params_m": round(n_params / 1e6, 1),
         "device": (torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
@@ -188,6 +226,7 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": cfg.dist.param_dtype, "attn_backend": cfg.model.attn_backend,
         "compile": cfg.dist.compile, "act_ckpt": cfg.dist.activation_checkpointing,
         "fsdp": isinstance(env, _ShardedSingleProcess) or (env.is_distributed and cfg.dist.fsdp),
+        "layout_reason": layout_reason, "drop_path_rate": cfg.model.drop_path_rate,
         "n_prototypes": cfg.heads.n_prototypes,
         "step_ms_mean": round(mean_t * 1e3, 2),
         "step_ms_median": round(statistics.median(times) * 1e3, 2),
@@ -199,7 +238,17 @@ def run(args: argparse.Namespace) -> dict:
         "peak_mem_reserved_gib": round(mem_reserved, 2) if mem_reserved is not None else None,
         "steps_timed": len(times), "steps_applied": applied,
         "last_loss": losses[-1] if losses and math.isfinite(losses[-1]) else None,
+        "gflop_per_step": round(flops / 1e9, 1),
     }
+    if timm is not None:
+        result["timm"] = timm
+        if timm["status"] == "ok":
+            timm_ips = cfg.data.batch_size_per_gpu / (timm["step_ms"] / 1e3)
+            timm["images_per_s"] = round(timm_ips, 2)
+            # the full DINOv2 step (teacher, heads, optimizer too) against timm's backbone alone
+            result["speedup_vs_timm_backbone"] = round(result["images_per_s"] / timm_ips, 3)
+    if profile is not None:
+        result["profile"] = profile
     return result
 
 
@@ -207,8 +256,11 @@ def print_table(result: dict) -> None:
     width = max(len(k) for k in result)
     print("-" * (width + 30))
     for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
+        if key != "profile":
+            print(f"{key:<{width}}  {value}")
     print("-" * (width + 30))
+    if "profile" in result:
+        print(format_profile(result["profile"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         print_table(result)
+        if args.out is not None:
+            write_atomic(args.out, json.dumps(result, sort_keys=True, indent=1) + "\n")
+            if "profile" in result:
+                write_atomic(args.out.with_suffix(".profile.txt"),
+                             format_profile(result["profile"]) + "\n")
         print(json.dumps(result, sort_keys=True), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -289,8 +289,26 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
+# distinct block graphs one model may need: train/eval, with/without grad, per crop-size set and
+# per stochastic-depth subset size; torch's default limit (8) would silently fall back to eager
+RECOMPILE_LIMIT = 64
+
+
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """``torch.compile`` every block in place (``nn.Module.compile``; state-dict keys unchanged)."""
+    """``torch.compile`` every block in place (``nn.Module.compile``; state-dict keys unchanged).
+
+    Static shapes by default (``dynamic=False``): the crop sizes and batch are fixed in
+    training, so each block graph is compiled once per crop-size set and reused by every block
+    and step (torch inlines the block modules, so the 40 blocks of ViT-g share one graph), with
+    shape-specialised kernels instead of symbolic ones.
+    """
+    import torch._dynamo
+
+    compile_kwargs.setdefault("dynamic", False)
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name,
+                    max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
     for blk in _blocks_of(model):
         blk.compile(**compile_kwargs)
     return model

@@ -14,6 +14,7 @@ import torch
 from dinosys.config import TrainConfig, save_config
 from dinosys.distributed.env import DistEnv, init_distributed, seed_everything
 from dinosys.distributed.fsdp import prepare_for_training
+from dinosys.distributed.layout import apply_single_device_layout
 from dinosys.errors import UserError
 from dinosys.train.loop import LoopResult, Trainer
 from dinosys.train.ssl_task import SSLTask, check_finite_config
@@ -151,6 +152,7 @@ def _run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
     threads = configure_cpu_threads(cfg, env)
     log.info("%d intra-op threads per rank", threads)
     seed_everything(cfg.seed, env.rank)
+    cfg, _ = apply_single_device_layout(cfg, env)  # one GPU: no FSDP2 / checkpointing if it fits
     task = SSLTask(cfg, env.device)
     prepare_for_training(task.student, task.teacher, env, cfg.dist)
     loader = build_ssl_loader(cfg, env.rank, env.world_size, task.patch_size)
