@@ -1,13 +1,17 @@
 """`dinosys-curate`: run the whole curation pipeline or one stage.
 
-    dinosys-curate run CONFIG [key=value ...]
-    dinosys-curate embed CONFIG [--part i/n] [--max-chunks N] [key=value ...]
-    dinosys-curate {dedup,cluster,retrieve,shard,report} CONFIG [key=value ...]
+    dinosys-curate run CONFIG [--part i/n] [key=value ...]
+    dinosys-curate {ingest,embed,dedup,verify,cluster,retrieve,shard} CONFIG [--part i/n]
+    dinosys-curate {ingest,embed,dedup,cluster,retrieve,shard} CONFIG --merge [N]
+    dinosys-curate report CONFIG
+    dinosys-curate plan --images N --gpus K [--backbone vitl14]   (predicted cost per stage)
     dinosys-curate demo-pool --out DIR [--data data/builtin]   (photos with planted copies)
 
 Every stage is idempotent: it skips itself when its done-marker matches the digest of its inputs
-and config, and ``embed`` resumes chunk by chunk after a kill. Errors in the input end with one
-line on stderr and exit code 2 (``--debug`` shows the traceback).
+and config. A stage run with ``--part i/n`` does its share only (a Slurm array task, a torchrun
+rank); ``--merge`` then checks every part and merges them; without either the stage runs whole
+(or merges parts that are all done). Errors in the input end with one line on stderr and exit
+code 2 (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from collections.abc import Sequence
 
 from dinosys.errors import UserError
 
-STAGES = ("embed", "dedup", "cluster", "retrieve", "shard", "report")
+STAGES = ("ingest", "embed", "dedup", "verify", "cluster", "retrieve", "shard", "report")
+SPLIT = ("ingest", "embed", "dedup", "verify", "cluster", "retrieve", "shard")
 
 
 def _parse_part(text: str | None) -> tuple[int, int] | None:
@@ -49,23 +54,32 @@ def _run(args: argparse.Namespace) -> int:
     from dinosys.cli import print_json
 
     cfg = _load(args)
-    part = _parse_part(getattr(args, "part", None)) or pipeline.part_from_env()
     stage = args.command
+    merge = getattr(args, "merge", None)
+    part = _parse_part(getattr(args, "part", None))
+    if part is None and stage in ("run", *SPLIT) and merge is None:
+        env_part = pipeline.part_from_env()
+        part = env_part if env_part[1] > 1 else None
+    if part is not None and merge is not None:
+        raise UserError("--part and --merge: a process either runs a part or merges them")
+    merge_arg = False if merge is None else (True if merge == 0 else merge)
     if stage == "run":
-        summary = pipeline.run_all(cfg, part)
+        summary = pipeline.run_all(cfg, part or (0, 1))
     elif stage == "embed":
-        summary = pipeline.stage_embed(cfg, part, args.max_chunks)
-    elif stage == "shard":
-        from curation.shards import stage_shard
-
-        summary = stage_shard(cfg)
-    elif stage == "report":
-        from curation.report import stage_report
-
-        summary = stage_report(cfg)
+        summary = pipeline.stage_embed(cfg, part, args.max_chunks, merge_arg)
     else:
-        summary = getattr(pipeline, f"stage_{stage}")(cfg)
+        summary = pipeline.run_stage(cfg, stage, part, merge_arg)
+    if part is not None:
+        summary = {"part": f"{part[0]}/{part[1]}", **summary}
     print_json({"stage": stage, **summary})
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from curation.plan import plan
+    from dinosys.cli import print_json
+
+    print_json(plan(args.images, args.gpus, args.backbone, args.cores_per_gpu, args.rates))
     return 0
 
 
@@ -92,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster, retrieve, shard, report.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
-    helps = {"run": "every stage in order", "embed": "ingest + embed (resumable, --part i/n)",
-             "dedup": "near-duplicate removal and decontamination",
+    helps = {"run": "every stage in order", "ingest": "list and hash the sources",
+             "embed": "ingest + embed (resumable, --part i/n)",
+             "dedup": "near-duplicate removal and decontamination (--part: k-NN query slices)",
+             "verify": "geometric verification of dedup candidates by blocks (--part i/n)",
              "cluster": "hierarchical k-means", "retrieve": "retrieval / balanced sampling",
              "shard": "WebDataset shards + manifest.parquet", "report": "curation_report.html"}
     for name in ("run", *STAGES):
@@ -101,13 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML path or a name under configs/curation/")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        if name in ("run", "embed"):
-            p.add_argument("--part", help="this process's part i/n of the embedding work "
+        if name in ("run", *SPLIT):
+            p.add_argument("--part", help="this process's part i/n of the stage's work "
                            "(default: torchrun RANK/WORLD_SIZE or the Slurm array task)")
+        if name in SPLIT and name != "verify":
+            p.add_argument("--merge", nargs="?", type=int, const=0, default=None, metavar="N",
+                           help="merge the stage's parts (N: how many; default: the only split "
+                           "found)")
         if name == "embed":
             p.add_argument("--max-chunks", type=int, default=None,
                            help="embed at most this many chunks, then stop (resume later)")
         p.set_defaults(func=_run)
+    p = sub.add_parser("plan", help="predicted wall-clock and GPU-hours per stage for N images "
+                       "on K GPUs, from measured per-stage rates")
+    p.add_argument("--images", type=float, required=True, help="pool size, e.g. 1e9")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs (one part per GPU)")
+    p.add_argument("--backbone", default="vitl14", help="embedding backbone of the rates table")
+    p.add_argument("--cores-per-gpu", type=int, default=12,
+                   help="CPU cores per GPU for the CPU stages (ingest, verification, shards)")
+    p.add_argument("--rates", default=None, help="a JSON file of measured rates replacing the "
+                   "shipped ones (same keys)")
+    p.set_defaults(func=_plan)
     p = sub.add_parser("demo-pool", help="write the embedded photos with planted near-copies "
                        "among distinct images (the demo and quality-test pool)")
     p.add_argument("--out", default="data/curation_demo_pool", help="pool directory to write")

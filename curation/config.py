@@ -73,9 +73,14 @@ class IndexConfig:
     train_size: int = 131_072
     use_gpu: bool = True  # when faiss sees GPUs
     query_batch: int = 65_536
+    # queries a dedup part searches at once: its heaps, probes and vectors (about 1 KiB each
+    # at k=64, d=256) are what it holds, whatever the size of the pool
+    part_block: int = 262_144
 
     def __post_init__(self) -> None:
         check_choice(self.kind, ("auto", "flat", "ivf", "ivfpq"), "index.kind")
+        if self.part_block < 1:
+            raise ConfigError("config key 'index.part_block': must be >= 1")
         if self.nprobe < 1:
             raise ConfigError("config key 'index.nprobe': must be >= 1")
 
@@ -130,6 +135,9 @@ class DedupConfig:
     decontam_threshold: float = 0.45
     sweep: list[float] = field(default_factory=lambda: [0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9])
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    # above this many k-NN edges, the merge dedupes them and finds connected components block
+    # by block on the memory-mapped edge files instead of in memory
+    spill_edges: int = 50_000_000
 
     def __post_init__(self) -> None:
         check_range(self.threshold, "dedup.threshold", -1.0, 1.0)
@@ -151,6 +159,9 @@ class ClusterConfig:
     target_size: int | None = None  # balanced top-down sampling target; None: no sampling
     chunk_size: int = 65_536
     seed: int = 0
+    # train the centroids on at most this many kept images (a seeded sample; None: all of them);
+    # every image is then assigned by the cluster parts
+    max_train_points: int | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.backend, ("faiss", "torch"), "cluster.backend")

@@ -32,11 +32,12 @@ class Edges:
         return len(self.i)
 
 
-def knn_edges(sims: np.ndarray, ids: np.ndarray, threshold: float) -> Edges:
-    """Undirected edges above ``threshold`` from a self k-NN result (self-matches and repeats
-    dropped; each pair once, with its highest score)."""
+def knn_edges(sims: np.ndarray, ids: np.ndarray, threshold: float, offset: int = 0) -> Edges:
+    """Undirected edges above ``threshold`` from a self k-NN result whose rows are the queries
+    ``offset, offset + 1, ...`` (self-matches and repeats dropped; each pair once, with its
+    highest score; sorted by ``(i, j)``)."""
     n, k = ids.shape
-    rows = np.repeat(np.arange(n, dtype=np.int64), k)
+    rows = np.repeat(np.arange(offset, offset + n, dtype=np.int64), k)
     cols = ids.reshape(-1)
     s = sims.reshape(-1)
     keep = (cols >= 0) & (cols != rows) & (s > threshold)
@@ -47,6 +48,43 @@ def knn_edges(sims: np.ndarray, ids: np.ndarray, threshold: float) -> Edges:
     first = np.ones(len(i), dtype=bool)
     first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
     return Edges(i[first], j[first], s[first].astype(np.float32))
+
+
+def unique_edges(i: np.ndarray, j: np.ndarray, s: np.ndarray) -> Edges:
+    """Each pair ``(i, j)`` (``i < j``) once with its highest score, sorted by ``(i, j)``."""
+    order = np.lexsort((-s, j, i))
+    i, j, s = i[order], j[order], s[order]
+    first = np.ones(len(i), dtype=bool)
+    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+    return Edges(i[first], j[first], s[first].astype(np.float32))
+
+
+def components_blocked(n: int, edges: Edges, block: int = 1 << 22) -> np.ndarray:
+    """The labels of :func:`components` without holding a sparse graph: label propagation by
+    minimum over blocks of (memory-mapped) edges, with pointer jumping; memory is ``n`` labels
+    plus one block, whatever the number of edges."""
+    lab = np.arange(n, dtype=np.int64)
+    while True:
+        for lo in range(0, len(edges), block):
+            a = np.asarray(edges.i[lo: lo + block])
+            b = np.asarray(edges.j[lo: lo + block])
+            la, lb = lab[a], lab[b]
+            m = np.minimum(la, lb)
+            np.minimum.at(lab, la, m)
+            np.minimum.at(lab, lb, m)
+        while True:  # every node points at its root: the smallest node of its tree
+            nxt = lab[lab]
+            if np.array_equal(nxt, lab):
+                break
+            lab = nxt
+        stable = all(np.array_equal(lab[np.asarray(edges.i[lo: lo + block])],
+                                    lab[np.asarray(edges.j[lo: lo + block])])
+                     for lo in range(0, len(edges), block))
+        if stable:
+            break
+    # roots are the smallest member of each component: number them in that order
+    roots = np.flatnonzero(lab == np.arange(n))
+    return np.searchsorted(roots, lab)
 
 
 def components(n: int, edges: Edges) -> np.ndarray:
@@ -90,11 +128,18 @@ class DedupResult:
         return np.bincount(self.labels)
 
 
-def dedup(n: int, edges: Edges, threshold: float,
-          priority: np.ndarray | None = None) -> DedupResult:
+def label(n: int, edges: Edges, spill_edges: int | None = None) -> np.ndarray:
+    """:func:`components`, or :func:`components_blocked` above ``spill_edges`` edges."""
+    if spill_edges is not None and len(edges) > spill_edges:
+        return components_blocked(n, edges)
+    return components(n, edges)
+
+
+def dedup(n: int, edges: Edges, threshold: float, priority: np.ndarray | None = None,
+          spill_edges: int | None = None) -> DedupResult:
     """Copy groups at ``threshold`` and one kept representative per group."""
     strong = edges.above(threshold)
-    labels = components(n, strong)
+    labels = label(n, strong, spill_edges)
     rep = representatives(labels, priority)
     best = np.zeros(n, dtype=np.float32)
     np.maximum.at(best, strong.i, strong.sim)
@@ -112,12 +157,13 @@ class DecontamResult:
 
 
 def decontaminate(n: int, pool_edges: Edges, pool_to_eval_sims: np.ndarray,
-                  pool_to_eval_ids: np.ndarray, threshold: float) -> DecontamResult:
+                  pool_to_eval_ids: np.ndarray, threshold: float,
+                  spill_edges: int | None = None) -> DecontamResult:
     """Drop whole pool components (graph at ``threshold``) that touch an evaluation image.
 
     ``pool_to_eval_*`` is each pool row's k-NN among the evaluation images.
     """
-    labels = components(n, pool_edges.above(threshold))
+    labels = label(n, pool_edges.above(threshold), spill_edges)
     top_sim = pool_to_eval_sims[:, 0] if pool_to_eval_sims.size else np.full(n, -np.inf)
     top_id = pool_to_eval_ids[:, 0] if pool_to_eval_ids.size else np.full(n, -1)
     touches = (top_sim > threshold) & (top_id >= 0)
@@ -135,13 +181,14 @@ def decontaminate(n: int, pool_edges: Edges, pool_to_eval_sims: np.ndarray,
     return DecontamResult(drop, match, sim)
 
 
-def sweep(n: int, edges: Edges, thresholds: list[float]) -> list[dict]:
+def sweep(n: int, edges: Edges, thresholds: list[float],
+          spill_edges: int | None = None) -> list[dict]:
     """Removed-image and component counts for each threshold (report), with the pair nearest
     above each threshold as an example."""
     rows = []
     for t in sorted(thresholds):
         strong = edges.above(t)
-        labels = components(n, strong)
+        labels = label(n, strong, spill_edges)
         n_comp = int(labels.max() + 1) if n else 0
         example = None
         if len(strong):

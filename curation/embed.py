@@ -141,25 +141,39 @@ def _write_chunk(out: Path, c: int, acc: dict[str, list]) -> None:
                           "pid": os.getpid()})
 
 
-def merge_chunks(out: Path, n_total: int) -> dict[str, np.ndarray]:
-    """Concatenate all chunks (in order) into embeddings/ids/failures arrays.
+def merge_chunks(out: Path, n_total: int, emb_path: Path) -> dict:
+    """Concatenate all chunks (in order) into ``emb_path`` (an fp16 ``.npy`` written through a
+    memory map chunk by chunk, then renamed into place) and the ids/sizes/failure arrays.
 
-    Rows that failed to decode are dropped from ``emb``/``ids`` and listed in ``failed_ids`` with
-    their reasons.
+    Rows that failed to decode are dropped from the embeddings and ids and listed in
+    ``failed_ids`` with their reasons.
     """
-    embs, ids, widths, heights, failed, reasons = [], [], [], [], [], []
+    ids, widths, heights, failed, reasons, keeps = [], [], [], [], [], []
+    dim = 0
     for c in range(n_total):
-        emb_path, ids_path, meta_path = chunk_paths(out, c)
+        emb_file, ids_path, meta_path = chunk_paths(out, c)
         meta = json.loads(meta_path.read_text())
         chunk_ids = load_npy(ids_path)
         bad = {int(k): v for k, v in meta["failures"].items()}
         keep = np.array([int(i) not in bad for i in chunk_ids], dtype=bool)
-        embs.append(load_npy(emb_path)[keep])
+        keeps.append(keep)
         ids.append(chunk_ids[keep])
         widths.append(np.asarray(meta["width"], dtype=np.int32)[keep])
         heights.append(np.asarray(meta["height"], dtype=np.int32)[keep])
         failed.extend(bad.keys())
         reasons.extend(bad.values())
-    return {"emb": np.concatenate(embs), "ids": np.concatenate(ids),
+        dim = dim or int(load_npy(emb_file, mmap=True).shape[1])
+    n_rows = int(sum(k.sum() for k in keeps))
+    tmp = emb_path.with_name(f".{emb_path.name}.tmp-{os.getpid()}")
+    dest = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n_rows, dim))
+    row = 0
+    for c in range(n_total):
+        block = load_npy(chunk_paths(out, c)[0])[keeps[c]]
+        dest[row: row + len(block)] = block
+        dest.flush()
+        row += len(block)
+    del dest
+    os.replace(tmp, emb_path)
+    return {"ids": np.concatenate(ids), "dim": dim,
             "width": np.concatenate(widths), "height": np.concatenate(heights),
             "failed_ids": np.asarray(failed, dtype=np.int64), "failed_reasons": reasons}

@@ -65,25 +65,36 @@ def kmeans_with_resampling(x: np.ndarray, k: int, cfg: ClusterConfig, seed: int)
     return centroids
 
 
-def hierarchical_kmeans(x: np.ndarray, cfg: ClusterConfig) -> ClusterTree:
-    """Cluster ``x`` with ``cfg.levels`` (finest first, e.g. [1000, 100, 10])."""
+def train_tree(x: np.ndarray, cfg: ClusterConfig) -> ClusterTree:
+    """The centroids of every level of ``cfg.levels`` (finest first) and each level's parents;
+    ``labels`` stay empty (rows are assigned by :func:`assign_rows`, in slices if need be)."""
     tree = ClusterTree()
     data = np.asarray(x, dtype=np.float32)
-    row_labels = None
     for level, k in enumerate(cfg.levels):
         k = min(k, len(data))
         centroids = kmeans_with_resampling(data, k, cfg, cfg.seed + 1000 * level)
-        labels, _ = assign(data, centroids, cfg.chunk_size)
-        if level == 0:
-            row_labels = labels
-        else:
-            tree.parents.append(labels)
-            row_labels = labels[row_labels]
-        tree.labels.append(row_labels)
+        if level > 0:
+            tree.parents.append(assign(data, centroids, cfg.chunk_size)[0])
         tree.centroids.append(centroids)
         log.info("level %d: %d clusters over %d points", level, k, len(data))
         data = centroids
     tree.parents.append(np.zeros(len(tree.centroids[-1]), dtype=np.int64))
+    return tree
+
+
+def level_labels(tree: ClusterTree, labels0: np.ndarray) -> list[np.ndarray]:
+    """Every level's cluster of the rows whose finest cluster is ``labels0``."""
+    out = [labels0]
+    for parents in tree.parents[:-1]:
+        out.append(parents[out[-1]])
+    return out
+
+
+def hierarchical_kmeans(x: np.ndarray, cfg: ClusterConfig) -> ClusterTree:
+    """Cluster ``x`` with ``cfg.levels`` (finest first, e.g. [1000, 100, 10])."""
+    tree = train_tree(x, cfg)
+    labels0, _ = assign(np.asarray(x, dtype=np.float32), tree.centroids[0], cfg.chunk_size)
+    tree.labels = level_labels(tree, labels0)
     return tree
 
 

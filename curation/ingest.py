@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 COLUMNS = ("id", "role", "source", "path", "member", "offset", "size", "sha256", "caption",
            "status", "reason", "dup_of")
+PART_COLUMNS = ("unit", "pos", "role", "source", "path", "member", "offset", "size", "sha256",
+                "caption", "reason")
 
 
 @dataclass
@@ -132,16 +134,6 @@ def _shard_items(pattern: str) -> Iterator[Item]:
                            size=image.size, caption=caption)
 
 
-def list_source(src: SourceConfig) -> Iterator[Item]:
-    """The image references of one source, in a deterministic order."""
-    kind = source_kind(src)
-    if kind == "folder":
-        return _folder_items(Path(src.path))
-    if kind == "list":
-        return _list_items(Path(src.path))
-    return _shard_items(src.path)
-
-
 def read_item_bytes(path: str, member: str, offset: int, size: int) -> bytes:
     """The encoded bytes of one image (a plain file, or a member of an uncompressed tar)."""
     if not member:
@@ -155,25 +147,54 @@ def read_item_bytes(path: str, member: str, offset: int, size: int) -> bytes:
     return data
 
 
-def ingest(sources: list[tuple[str, SourceConfig]], progress: bool = True) -> dict[str, list]:
-    """Hash every image of ``sources`` (pairs of role and source) into a table of columns.
+UNIT_FILES = 1024  # files of a folder or list per ingest unit (a shard is one unit)
 
-    Exact duplicates (same sha256 within one role) keep the smallest id; the others get
-    ``status="exact_duplicate"`` and ``dup_of``. Unreadable files get ``status="unreadable"``.
-    """
-    cols: dict[str, list] = {c: [] for c in COLUMNS}
-    first_by_hash: dict[tuple[str, str], int] = {}
+
+@dataclass
+class Unit:
+    """A slice of one source that one ingest part hashes: a block of files, or one shard."""
+
+    role: str
+    source: str  # the source's name
+    items: list[Item] | None = None  # files (folder / list sources)
+    shard: str = ""  # a tar (shard sources): its members are listed by the part
+
+
+def list_units(sources: list[tuple[str, SourceConfig]]) -> list[Unit]:
+    """The ingest units of ``sources`` (pairs of role and source), in a deterministic order;
+    part ``i`` of ``n`` hashes the units ``u % n == i``."""
+    units: list[Unit] = []
     names = set()
     for role, src in sources:
         name = source_name(src)
         if (role, name) in names:
             raise UserError(f"two {role} sources are both named '{name}'; give them distinct names")
         names.add((role, name))
-        for item in tqdm(list_source(src), desc=f"ingest {name}", disable=not progress,
-                         unit="img", leave=False):
-            idx = len(cols["id"])
-            status, reason, sha, dup_of = "ok", item.error, "", -1
-            size = item.size
+        kind = source_kind(src)
+        if kind == "shards":
+            tars = _expand_shards(src.path)
+            if not tars:
+                raise UserError(f"no .tar shards match '{src.path}'")
+            units.extend(Unit(role, name, shard=str(t)) for t in tars)
+            continue
+        files = list(_folder_items(Path(src.path)) if kind == "folder"
+                     else _list_items(Path(src.path)))
+        units.extend(Unit(role, name, items=files[lo: lo + UNIT_FILES])
+                     for lo in range(0, len(files), UNIT_FILES))
+    return units
+
+
+def hash_units(units: list[Unit], selected: list[int], progress: bool = True) -> dict[str, list]:
+    """Read and hash the items of the ``selected`` units: one row per item with its unit index
+    and position (ids and exact duplicates are decided by :func:`finish_ingest`)."""
+    cols: dict[str, list] = {c: [] for c in (*PART_COLUMNS,)}
+    bar = tqdm(total=len(selected), desc="ingest", unit="unit", disable=not progress,
+               leave=False)
+    for u in selected:
+        unit = units[u]
+        listed = unit.items if unit.items is not None else _shard_items(unit.shard)
+        for pos, item in enumerate(listed):
+            sha, size, reason = "", item.size, item.error
             if not reason:
                 try:
                     data = read_item_bytes(item.path, item.member, item.offset, item.size)
@@ -183,24 +204,55 @@ def ingest(sources: list[tuple[str, SourceConfig]], progress: bool = True) -> di
                     sha = hashlib.sha256(data).hexdigest()
                 except OSError as exc:
                     reason = f"cannot read: {exc.strerror or exc}"
-            if reason:
-                status = "unreadable"
-            else:
-                first = first_by_hash.setdefault((role, sha), idx)
-                if first != idx:
-                    status, reason, dup_of = "exact_duplicate", f"same sha256 as id {first}", first
-            row = dict(id=idx, role=role, source=name, path=item.path, member=item.member,
-                       offset=item.offset, size=size, sha256=sha, caption=item.caption,
-                       status=status, reason=reason, dup_of=dup_of)
+            row = dict(unit=u, pos=pos, role=unit.role, source=unit.source, path=item.path,
+                       member=item.member, offset=item.offset, size=size, sha256=sha,
+                       caption=item.caption, reason=reason)
             for key, value in row.items():
                 cols[key].append(value)
-    n_bad = sum(s == "unreadable" for s in cols["status"])
-    n_dup = sum(s == "exact_duplicate" for s in cols["status"])
-    log.info("ingested %d images (%d exact duplicates, %d unreadable)",
-             len(cols["id"]), n_dup, n_bad)
+        bar.update()
+    bar.close()
     return cols
 
 
-def role_mask(table_cols: dict[str, np.ndarray], role: str) -> np.ndarray:
-    """Boolean mask of rows with this role."""
-    return np.asarray(table_cols["role"]) == role
+def finish_ingest(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The item table from the parts' rows: ordered by (unit, position), ids 0..N-1, exact
+    duplicates (same sha256 within one role) pointing at the smallest id, unreadable items."""
+    cols = {c: np.concatenate([np.asarray(p[c]) for p in parts]) if parts else np.zeros(0)
+            for c in PART_COLUMNS}
+    order = np.lexsort((cols["pos"], cols["unit"]))
+    cols = {c: v[order] for c, v in cols.items()}
+    n = len(order)
+    ids = np.arange(n, dtype=np.int64)
+    reason = cols["reason"].astype(object)
+    bad = np.array([bool(r) for r in reason], dtype=bool)
+    status = np.where(bad, "unreadable", "ok").astype(object)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    ok = np.flatnonzero(~bad)
+    if len(ok):
+        key = np.char.add(np.char.add(cols["role"][ok].astype(str), "/"),
+                          cols["sha256"][ok].astype(str))
+        _, first_idx, inverse = np.unique(key, return_index=True, return_inverse=True)
+        first = ok[first_idx][inverse.reshape(-1)]
+        dup = first != ok
+        dup_of[ok[dup]] = first[dup]
+        status[ok[dup]] = "exact_duplicate"
+        reason[ok[dup]] = [f"same sha256 as id {f}" for f in first[dup]]
+    out = {"id": ids, "role": cols["role"], "source": cols["source"], "path": cols["path"],
+           "member": cols["member"], "offset": cols["offset"].astype(np.int64),
+           "size": cols["size"].astype(np.int64), "sha256": cols["sha256"],
+           "caption": cols["caption"], "status": status, "reason": reason, "dup_of": dup_of}
+    log.info("ingested %d images (%d exact duplicates, %d unreadable)", n,
+             int((status == "exact_duplicate").sum()), int(bad.sum()))
+    return {c: out[c] for c in COLUMNS}
+
+
+def ingest(sources: list[tuple[str, SourceConfig]], progress: bool = True) -> dict[str, list]:
+    """Hash every image of ``sources`` (pairs of role and source) into a table of columns, in
+    one process (:func:`list_units`, :func:`hash_units`, :func:`finish_ingest`).
+
+    Exact duplicates (same sha256 within one role) keep the smallest id; the others get
+    ``status="exact_duplicate"`` and ``dup_of``. Unreadable files get ``status="unreadable"``.
+    """
+    units = list_units(sources)
+    cols = finish_ingest([hash_units(units, list(range(len(units))), progress)])
+    return {k: v.tolist() for k, v in cols.items()}

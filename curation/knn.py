@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -187,19 +189,112 @@ def _heap_add(sims: np.ndarray, ids: np.ndarray, rows: np.ndarray, scores: np.nd
     ids[rows] = idx
 
 
-def _score_list(qt: torch.Tensor, bt: torch.Tensor, rows_all: np.ndarray, cols_all: np.ndarray,
-                sims: np.ndarray, ids: np.ndarray) -> None:
-    """Score queries ``rows_all`` against database rows ``cols_all`` (one inverted list) in
-    blocks of at most ``_SCORE_BLOCK`` scores and merge them into the heaps."""
+def _score_list(qt: torch.Tensor, rows_all: np.ndarray, cols_all: np.ndarray,
+                base: Callable[[int, int], torch.Tensor], sims: np.ndarray,
+                ids: np.ndarray) -> None:
+    """Score queries ``rows_all`` against the members ``cols_all`` of one inverted list
+    (``base(c0, c1)``: the float32 vectors of members ``c0:c1``) in blocks of at most
+    ``_SCORE_BLOCK`` scores and merge them into the heaps."""
     col_step = _SCORE_BLOCK // 256
     for c0 in range(0, len(cols_all), col_step):
         cols = cols_all[c0: c0 + col_step]
-        base_t = bt.index_select(0, torch.from_numpy(cols))
+        base_t = base(c0, c0 + len(cols))
         row_step = max(1, _SCORE_BLOCK // len(cols))
         for r0 in range(0, len(rows_all), row_step):
             rows = rows_all[r0: r0 + row_step]
             scores = torch.mm(qt.index_select(0, torch.from_numpy(rows)), base_t.T).numpy()
             _heap_add(sims, ids, rows, scores, cols)
+
+
+class InvertedLists(Protocol):
+    """The database of an IVF-Flat index grouped by list."""
+
+    nlist: int
+
+    def members(self, lst: int) -> np.ndarray:
+        """Database ids of list ``lst``."""
+
+    def vectors(self, lst: int, c0: int, c1: int) -> torch.Tensor:
+        """float32 vectors of the members ``c0:c1`` of list ``lst``."""
+
+
+class MemoryLists:
+    """Inverted lists over an in-memory database ``xb`` with every row's list ``home``."""
+
+    def __init__(self, xb: np.ndarray, home: np.ndarray, nlist: int) -> None:
+        self.nlist = nlist
+        self._bt = _as_tensor(xb)
+        self._rows, self._start = _bucket(home, np.arange(len(xb), dtype=np.int64), nlist)
+
+    def members(self, lst: int) -> np.ndarray:
+        """Database ids of list ``lst``."""
+        return self._rows[self._start[lst]: self._start[lst + 1]]
+
+    def vectors(self, lst: int, c0: int, c1: int) -> torch.Tensor:
+        """float32 vectors of the members ``c0:c1`` of list ``lst``."""
+        return self._bt.index_select(0, torch.from_numpy(self.members(lst)[c0:c1]))
+
+
+def search_lists(queries: np.ndarray, probes: np.ndarray, lists: InvertedLists, k: int,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of every query among the members of its ``probes`` (nearest list first),
+    list by list. Returns ``(sims, ids)`` best first, -inf / -1 where fewer were probed."""
+    nlist = lists.nlist
+    nprobe = probes.shape[1]
+    qidx = np.arange(len(queries), dtype=np.int64)
+    # two passes: every query's nearest list first, so that its heap holds good scores early and
+    # most scores of the other lists are rejected by one comparison (inserts dominate the cost)
+    passes = [_bucket(probes[:, 0], qidx, nlist)]
+    if nprobe > 1:
+        passes.append(_bucket(probes[:, 1:].reshape(-1), np.repeat(qidx, nprobe - 1), nlist))
+    del qidx
+    sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    qt = _as_tensor(queries)
+    workers = max(1, torch.get_num_threads())
+    bar = tqdm(total=len(passes) * nlist, desc="knn (ivf, list-wise)", unit="list",
+               disable=not progress, leave=False)
+
+    def search_part(part: int) -> None:
+        """All lists for the queries ``q % workers == part``: workers own disjoint heap rows."""
+        faiss.omp_set_num_threads(1)  # an OpenMP setting of this thread, not of the process
+        for probers, q_start in passes:
+            for lst in range(nlist):
+                rows_all = probers[q_start[lst]: q_start[lst + 1]]
+                if workers > 1:
+                    rows_all = rows_all[rows_all % workers == part]
+                if len(rows_all):
+                    cols_all = lists.members(lst)
+                    if len(cols_all):
+                        _score_list(qt, rows_all, cols_all,
+                                    lambda c0, c1, lst=lst: lists.vectors(lst, c0, c1),
+                                    sims, ids)
+                if part == 0:
+                    bar.update()
+
+    # One Python thread per core, each with single-threaded torch and faiss (both release the
+    # GIL): thousands of short OpenMP parallel regions (a barrier each) made the search 10x
+    # slower whenever another process held a core.
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(search_part, range(workers)))
+    finally:
+        torch.set_num_threads(torch_threads)
+        faiss.omp_set_num_threads(faiss_threads)
+        bar.close()
+    heap = faiss.float_minheap_array_t()
+    heap.nh, heap.k = len(queries), k
+    heap.val, heap.ids = faiss.swig_ptr(sims), faiss.swig_ptr(ids)
+    heap.reorder()  # best first; rows with fewer than k candidates end in -1 ids
+    return np.where(ids >= 0, sims, -np.inf).astype(np.float32), ids
+
+
+def route(quantizer: faiss.Index, x: np.ndarray, nprobe: int, batch: int) -> np.ndarray:
+    """The ``nprobe`` nearest lists of every row (nearest first; -1 where there are fewer)."""
+    return _route(quantizer, x, nprobe, batch)
 
 
 def grouped_ivf_search(xq: np.ndarray | None, xb: np.ndarray, quantizer: faiss.Index, k: int,
@@ -219,54 +314,9 @@ def grouped_ivf_search(xq: np.ndarray | None, xb: np.ndarray, quantizer: faiss.I
     queries = xb if self_join else xq
     probes = _route(quantizer, queries, nprobe, batch)
     home = probes[:, 0] if self_join else _route(quantizer, xb, 1, batch)[:, 0]
-    members, m_start = _bucket(home, np.arange(len(xb), dtype=np.int64), nlist)
-    qidx = np.arange(len(queries), dtype=np.int64)
-    # two passes: every query's nearest list first, so that its heap holds good scores early and
-    # most scores of the other lists are rejected by one comparison (inserts dominate the cost)
-    passes = [_bucket(probes[:, 0], qidx, nlist)]
-    if nprobe > 1:
-        passes.append(_bucket(probes[:, 1:].reshape(-1), np.repeat(qidx, nprobe - 1), nlist))
-    del probes, home, qidx
-    k_eff = min(k, len(xb))
-    sims = np.full((len(queries), k_eff), -np.inf, dtype=np.float32)
-    ids = np.full((len(queries), k_eff), -1, dtype=np.int64)
-    qt, bt = _as_tensor(queries), _as_tensor(xb)
-    workers = max(1, torch.get_num_threads())
-    bar = tqdm(total=len(passes) * nlist, desc="knn (ivf, list-wise)", unit="list",
-               disable=not progress, leave=False)
-
-    def search_part(part: int) -> None:
-        """All lists for the queries ``q % workers == part``: workers own disjoint heap rows."""
-        faiss.omp_set_num_threads(1)  # an OpenMP setting of this thread, not of the process
-        for probers, q_start in passes:
-            for lst in range(nlist):
-                cols_all = members[m_start[lst]: m_start[lst + 1]]
-                rows_all = probers[q_start[lst]: q_start[lst + 1]]
-                if workers > 1:
-                    rows_all = rows_all[rows_all % workers == part]
-                if len(cols_all) and len(rows_all):
-                    _score_list(qt, bt, rows_all, cols_all, sims, ids)
-                if part == 0:
-                    bar.update()
-
-    # One Python thread per core, each with single-threaded torch and faiss (both release the
-    # GIL): thousands of short OpenMP parallel regions (a barrier each) made the search 10x
-    # slower whenever another process held a core.
-    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(search_part, range(workers)))
-    finally:
-        torch.set_num_threads(torch_threads)
-        faiss.omp_set_num_threads(faiss_threads)
-        bar.close()
-    heap = faiss.float_minheap_array_t()
-    heap.nh, heap.k = len(queries), k_eff
-    heap.val, heap.ids = faiss.swig_ptr(sims), faiss.swig_ptr(ids)
-    heap.reorder()  # best first; rows with fewer than k candidates end in -1 ids
-    return np.where(ids >= 0, sims, -np.inf).astype(np.float32), ids
+    lists = MemoryLists(xb, home, nlist)
+    del home
+    return search_lists(queries, probes, lists, min(k, len(xb)), progress)
 
 
 def knn(xb: np.ndarray, k: int, cfg: IndexConfig, xq: np.ndarray | None = None,

@@ -19,8 +19,8 @@ from PIL import Image  # noqa: E402
 
 from curation import verify  # noqa: E402
 from curation.ingest import read_item_bytes  # noqa: E402
-from curation.pipeline import _need, items, pool_table, work_dir  # noqa: E402
 from curation.store import Stage, digest, load_table, save_json  # noqa: E402
+from curation.work import items, need, pool_table, work_dir  # noqa: E402
 from dinosys.atomic import write_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def stage_report(cfg) -> dict:
     """Write ``shards/curation_report.html`` and its PNGs under ``shards/report/``."""
     work = work_dir(cfg)
     stage = Stage(work, "report")
-    key = digest("report", _need(Stage(work, "shards"), "shard"))
+    key = digest("report", need(Stage(work, "shards"), "shard"))
     if stage.is_done(key):
         return stage.summary()
     shard_dir = work / "shards"

@@ -27,17 +27,39 @@ class Retrieval:
     capped: np.ndarray  # retrieved but removed by the per-source cap
 
 
-def retrieve(pool: np.ndarray, queries: np.ndarray, pool_labels: np.ndarray,
+def sample_knn(pool: np.ndarray, queries: np.ndarray, k: int,
+               offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` pool rows (numbered from ``offset``) of every query: one slice of the
+    sample-based retrieval; :func:`merge_topk` combines slices."""
+    if not len(pool) or not len(queries):
+        return (np.full((len(queries), k), -np.inf, np.float32),
+                np.full((len(queries), k), -1, np.int64))
+    sims, ids = knn(pool, k, IndexConfig(kind="flat", use_gpu=False), xq=queries)
+    return sims, np.where(ids >= 0, ids + offset, -1)
+
+
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]],
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of per-slice top-k lists (ties: the smaller pool row first)."""
+    sims = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    key_ids = np.where(ids >= 0, ids, np.iinfo(np.int64).max)
+    order = np.lexsort((key_ids, -sims), axis=1)[:, :k]
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def retrieve(n: int, queries: np.ndarray, pool_labels: np.ndarray,
              centroids: np.ndarray, pool_sources: np.ndarray, cfg: RetrieveConfig,
-             index_cfg: IndexConfig, seed: int = 0) -> Retrieval:
-    """Select pool rows for the query set. ``pool_labels``/``centroids``: the finest clusters."""
-    n = len(pool)
+             topk: tuple[np.ndarray, np.ndarray], seed: int = 0) -> Retrieval:
+    """Select among ``n`` pool rows for the query set. ``pool_labels``/``centroids``: the finest
+    clusters; ``topk``: every query's nearest pool rows (:func:`sample_knn`, :func:`merge_topk`).
+    """
     score = np.full(n, -np.inf, dtype=np.float32)  # ranking score for the per-source cap
     reason = np.full(n, "", dtype=object)
     similarity = np.zeros(n, dtype=np.float32)
     rng = np.random.default_rng(seed)
     if cfg.mode in ("sample", "both") and len(queries) and n:
-        sims, ids = knn(pool, cfg.k, index_cfg, xq=queries, seed=seed)
+        sims, ids = topk
         flat_ids, flat_sims = ids.reshape(-1), sims.reshape(-1)
         ok = flat_ids >= 0
         np.maximum.at(similarity, flat_ids[ok], flat_sims[ok])

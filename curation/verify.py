@@ -246,23 +246,31 @@ def is_confirmed(status: np.ndarray) -> np.ndarray:
     return (status == CONFIRMED) | (status == CONFIRMED_FLIP)
 
 
+def n_blocks(n_edges: int, cfg: VerifyConfig) -> int:
+    """How many blocks of ``cfg.block_size`` candidate edges there are."""
+    return (n_edges + cfg.block_size - 1) // cfg.block_size
+
+
 def verify_edges(i: np.ndarray, j: np.ndarray, load: Callable[[int], bytes], cfg: VerifyConfig,
-                 out: Path, max_pixels: int = 89_478_485, progress: bool = True) -> Verified:
+                 out: Path, max_pixels: int = 89_478_485, progress: bool = True,
+                 part: tuple[int, int] = (0, 1)) -> Verified:
     """Verify the edges ``(i[e], j[e])`` (row indices; ``load(row)`` gives the image bytes).
 
     Blocks of ``cfg.block_size`` edges, in the given order, are saved to ``out`` as
     ``block-XXXXXX.npy`` when done; a re-run with the same ``out`` skips finished blocks.
+    ``part=(p, n)`` verifies only the blocks ``b % n == p`` (the others stay zero in the result).
     """
     out.mkdir(parents=True, exist_ok=True)
     n = len(i)
-    n_blocks = (n + cfg.block_size - 1) // cfg.block_size
     cache = FeatureCache(load, cfg, max_pixels, cfg.cache_images)
     result = np.zeros((n, 4), dtype=np.float32)
     cv2 = _cv2()
     cv2.setNumThreads(1)  # parallel over images and pairs instead
+    total = sum(min(n, (b + 1) * cfg.block_size) - b * cfg.block_size
+                for b in range(part[0], n_blocks(n, cfg), part[1]))
     with ThreadPoolExecutor(max(1, cfg.workers)) as pool, \
-            tqdm(total=n, desc="verify", unit="pair", disable=not progress) as bar:
-        for b in range(n_blocks):
+            tqdm(total=total, desc="verify", unit="pair", disable=not progress) as bar:
+        for b in range(part[0], n_blocks(n, cfg), part[1]):
             lo, hi = b * cfg.block_size, min(n, (b + 1) * cfg.block_size)
             path = out / f"block-{b:06d}.npy"
             if path.is_file():

@@ -10,7 +10,7 @@ from curation.config import ClusterConfig, IndexConfig, RetrieveConfig
 from curation.hierarchical import balanced_sample, balanced_split, hierarchical_kmeans
 from curation.kmeans import inertia, kmeans_faiss, kmeans_torch
 from curation.knn import knn
-from curation.retrieve import retrieve
+from curation.retrieve import merge_topk, retrieve, sample_knn
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -146,18 +146,22 @@ def test_retrieval_sample_cluster_and_source_cap() -> None:
     cents = kmeans_faiss(x, 20, n_iter=10)
     labels, _ = assign(x, cents)
     sources = np.where(np.arange(2000) % 2 == 0, "a", "b")
-    res = retrieve(x, queries, labels, cents, sources,
-                   RetrieveConfig(mode="sample", k=3), IndexConfig(kind="flat"))
+    topk = sample_knn(x, queries, 3)
+    # slices of the pool merged give the same top-k as the whole pool
+    sliced = merge_topk([sample_knn(x[lo: lo + 700], queries, 3, lo)
+                         for lo in range(0, 2000, 700)], 3)
+    np.testing.assert_array_equal(sliced[1], topk[1])
+    res = retrieve(len(x), queries, labels, cents, sources, RetrieveConfig(mode="sample", k=3),
+                   topk)
     assert res.selected[:10].all() and res.selected.sum() <= 30
     assert (res.reason[:10] == "sample").all()
-    res = retrieve(x, queries, labels, cents, sources,
-                   RetrieveConfig(mode="cluster", min_queries=0, per_cluster=50),
-                   IndexConfig(kind="flat"))
+    res = retrieve(len(x), queries, labels, cents, sources,
+                   RetrieveConfig(mode="cluster", min_queries=0, per_cluster=50), topk)
     hit = np.unique(assign(queries, cents)[0])
     assert set(np.unique(labels[res.selected])) == set(hit)
-    capped = retrieve(x, queries, labels, cents, sources,
+    capped = retrieve(len(x), queries, labels, cents, sources,
                       RetrieveConfig(mode="both", k=3, min_queries=0, per_cluster=50,
-                                     per_source_cap=7), IndexConfig(kind="flat"))
+                                     per_source_cap=7), topk)
     for s in ("a", "b"):
         assert (capped.selected & (sources == s)).sum() <= 7
     assert capped.capped.sum() > 0
