@@ -213,8 +213,28 @@ def run_stage(cfg: CurationConfig, name: str, part: tuple[int, int] | None = Non
 
     if name == "report":
         return stage_report(cfg)
+    if part is not None and name in UPSTREAM:
+        ensure_merged(cfg, UPSTREAM[name])
     fn = stage_shard if name == "shard" else STAGES[name]
     return fn(cfg, part=part, merge=merge)
+
+
+UPSTREAM = {"cluster": "dedup", "retrieve": "cluster", "shard": "retrieve"}
+
+
+def ensure_merged(cfg: CurationConfig, name: str) -> None:
+    """Stage ``name`` merged: done already, or its parts are all done and get merged here (one
+    process merges, concurrent callers wait); else a one-line error naming what is missing."""
+    if name == "dedup":
+        stage_dedup(cfg, merge=True)  # merges the kNN parts (checked) and the copy groups
+        return
+    keys = {"cluster": cluster_key, "retrieve": retrieve_key}
+    stage = Stage(work_dir(cfg), name)
+    key = keys[name](cfg)
+    if stage.is_done(key):
+        return
+    n = complete_split(stage, key)
+    run_stage(cfg, name, merge=n if n is not None else True)
 
 
 def _barrier_merge(cfg: CurationConfig, name: str, key_fn: Callable[[], str], n: int) -> None:

@@ -91,8 +91,8 @@ def run_cli_work(argv: list[str], config_yaml: str | None, ctx: TaskContext) -> 
 
 def run_curate_work(stage: str, config_yaml: str, parts: int, ctx: TaskContext) -> dict:
     """A task of a curation job: ``dinosys-curate STAGE CONFIG [--part i/n]`` in-process, on the
-    resolved config. ``parts`` > 0: this task embeds part i of ``parts`` (i = its array index on
-    Slurm, its rank with --local)."""
+    resolved config. ``parts`` > 0: this task runs part i of ``parts`` of the stage (i = its
+    array index on Slurm, its rank with --local)."""
     from curation.cli import main
 
     path = ctx.run_dir / "submission" / "config.yaml"
@@ -171,30 +171,36 @@ def _prepare_eval(job_args: list[str]) -> PreparedJob:
                        distributed=False, handles_preemption=False)
 
 
+CURATE_ARRAYS = ("ingest", "embed", "dedup", "verify", "cluster", "retrieve", "shard")
+
+
 def _prepare_curate(config: str, overrides: list[str], parts: int) -> list[PreparedJob]:
-    """Curation as two chained jobs: an array of ``parts`` embedding jobs (``embed --part
-    i/n``), then, after all of them succeeded, one job that merges the parts and runs the
-    remaining stages (``run``: dedup, cluster, retrieve, shard, report; each skips itself when
-    done). Every stage is idempotent, so USR2 simply requeues."""
+    """Curation as chained jobs, each after the previous one succeeded (``afterok``): one array
+    of ``parts`` tasks per split stage (``dinosys-curate STAGE CONFIG --part i/n``: ingest,
+    embed, dedup's kNN slices, verification blocks when ``dedup.verify`` is on, cluster
+    assignment, retrieval, shards), each merging the stage before it first (one task merges,
+    the others wait), then one job that merges the shards and writes the report (``run``:
+    every finished stage skips itself). Every stage is idempotent, so USR2 simply requeues."""
     from curation.config import CurationConfig
 
     cfg = load_config(CurationConfig, config, overrides, kind="curation")
     text = to_yaml(cfg)
-    embed = PreparedJob(kind="curate", name=cfg.name, stage="embed",
-                        work=functools.partial(run_curate_work, "embed", text, parts),
+    stages = [s for s in CURATE_ARRAYS if s != "verify" or cfg.dedup.verify.enabled]
+    jobs = [PreparedJob(kind="curate", name=cfg.name, stage=stage,
+                        work=functools.partial(run_curate_work, stage, text, parts),
                         resolved_config=text, distributed=False, handles_preemption=False,
-                        resumable=True, array_size=parts)
-    rest = PreparedJob(kind="curate", name=cfg.name, stage="run",
-                       work=functools.partial(run_curate_work, "run", text, 0),
-                       resolved_config=text, distributed=False, handles_preemption=False,
-                       resumable=True)
-    return [embed, rest]
+                        resumable=True, array_size=parts) for stage in stages]
+    jobs.append(PreparedJob(kind="curate", name=cfg.name, stage="run",
+                            work=functools.partial(run_curate_work, "run", text, 0),
+                            resolved_config=text, distributed=False, handles_preemption=False,
+                            resumable=True))
+    return jobs
 
 
 def prepare_jobs(kind: str, job_args: Sequence[str], parts: int = 1) -> list[PreparedJob]:
     """Validate a job locally (no Slurm involved) and return the job(s) to submit in order,
     each after the previous one succeeded; UserError / NotAvailableError when invalid.
-    ``parts``: how many parallel embedding jobs a curation runs."""
+    ``parts``: how many tasks each array of a curation runs."""
     if kind == "train":
         return [_prepare_train(*split_config_args(job_args, kind))]
     if kind in ("clip", "distill"):

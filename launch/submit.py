@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-delay-s", type=int, default=SIGNAL_DELAY_S,
                    help="USR2 this many seconds before the time limit (--signal=USR2@S)")
     p.add_argument("--parts", type=int, default=None,
-                   help="curate: parallel embedding jobs (a Slurm array; default: nodes x tasks)")
+                   help="curate: tasks of every stage's Slurm array (default: nodes x tasks)")
     p.add_argument("--name", help="job name (default: the config's name)")
     p.add_argument("--out", help="run directory (default: runs/<name>-<jobid>)")
     p.add_argument("--local", action="store_true",
