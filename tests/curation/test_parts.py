@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from curation.cli import main
 from tests.curation.conftest import write_config
