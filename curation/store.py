@@ -55,15 +55,6 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def file_digest(path: Path) -> str:
-    """Digest of a file's bytes (for small stage outputs such as tables)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 class Stage:
     """The done-marker of one stage under ``work/<name>/``: ``DONE.json`` holds its digest."""
 
