@@ -33,7 +33,9 @@ RNGs are re-seeded from ``(extra["seed"], step, rank)`` and ``rank_state`` is ``
 
 The ``latest`` pointer wins over scanning when it names a committed checkpoint (so a person can
 roll back by editing it); a missing or corrupt pointer falls back to the newest committed one.
-DCP's ``.metadata`` is a pickle written by this code: load checkpoints you or your jobs wrote.
+Nothing in a checkpoint runs code on load: DCP's ``.metadata`` pickle and its non-tensor values
+are read through an allow-list (:mod:`dinosys.distributed.checkpoint_reader`); a damaged file is
+a one-line UserError naming the checkpoint.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dinosys.atomic import write_atomic
+from dinosys.distributed.checkpoint_reader import SafeLoadPlanner, SafeReader
 from dinosys.distributed.state_adapters import (
     OptimizerState,
     adapt_state,
@@ -281,22 +284,23 @@ class CheckpointManager:
         restored exactly (same world size) or re-seeded from ``(extra["seed"], step, rank)``.
         """
         path = resolve_checkpoint(path)
-        info = json.loads((path / EXTRA_FILE).read_text())
-        saved = json.loads((path / RANK_STATES_FILE).read_text())
+        info = _read_json(path / EXTRA_FILE)
+        saved = _read_json(path / RANK_STATES_FILE)
         rank, world = _rank_world()
         adapted = adapt_state(state)
-        saved_keys = list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        saved_keys = list(SafeReader(str(path)).read_metadata().state_dict_metadata)
         for key, value in adapted.items():
             if isinstance(value, OptimizerState):
                 head = key + "."
                 value.expect([k[len(head):] for k in saved_keys if k.startswith(head)])
         try:
             with _single_process_quiet():
-                dcp.load(adapted, checkpoint_id=str(path))
-        except (CheckpointException, ValueError, RuntimeError) as exc:
+                dcp.load(adapted, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+        except (CheckpointException, ValueError, RuntimeError, EOFError, OSError,
+                UserError) as exc:
             problem = _layout_mismatch(exc)
             if problem is None:
-                raise
+                raise _load_failure(path, exc) from exc
             raise UserError(f"checkpoint {path} does not match what is being resumed ({problem}); "
                             "resume with the config it was saved with, or use a new run "
                             "directory") from exc
@@ -332,6 +336,32 @@ def _layout_mismatch(exc: BaseException) -> str | None:
     return None
 
 
+def _load_failure(path: Path, exc: BaseException) -> BaseException:
+    """What to raise for a failed ``dcp.load`` of ``path``: the UserError a safe read raised
+    (on any rank), a one-line UserError for a damaged shard, else the error itself."""
+    errors = [exc]
+    if isinstance(exc, CheckpointException):
+        errors = [failure[0] if isinstance(failure, tuple) else failure
+                  for failure in exc.failures.values()]
+    for error in errors:
+        if isinstance(error, UserError):
+            return error
+    for error in errors:
+        if isinstance(error, (EOFError, OSError, RuntimeError, ValueError)):
+            text = str(error).strip().splitlines()
+            return UserError(f"checkpoint {path} is damaged: a shard could not be read "
+                             f"({type(error).__name__}: {text[0] if text else 'no detail'}); "
+                             "resume from an older checkpoint")
+    return exc
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"checkpoint {path.parent}: cannot read {path.name} ({exc})") from None
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder from a checkpoint, a checkpoints root or a run directory.
 
@@ -359,7 +389,7 @@ def load_backbone_state(ckpt_dir: Path,
     Needs no process group (for export and evaluation); reads only those tensors' bytes.
     """
     path = resolve_checkpoint(Path(ckpt_dir))
-    reader = dcp.FileSystemReader(str(path))
+    reader = SafeReader(str(path))
     metadata = reader.read_metadata()
     head = prefix.rstrip(".") + "."
     wanted = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -369,8 +399,11 @@ def load_backbone_state(ckpt_dir: Path,
         tops = sorted({key.split(".")[0] for key in metadata.state_dict_metadata})
         raise UserError(f"checkpoint {path} holds no tensors under '{prefix}' "
                         f"(top-level keys: {', '.join(tops)})")
-    with _single_process_quiet():
-        dcp.load(wanted, storage_reader=reader, no_dist=True)
+    try:
+        with _single_process_quiet():
+            dcp.load(wanted, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    except (CheckpointException, ValueError, RuntimeError, EOFError, OSError) as exc:
+        raise _load_failure(path, exc) from exc
     return {key[len(head):]: tensor for key, tensor in wanted.items()}
 
 
