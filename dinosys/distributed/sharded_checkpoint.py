@@ -193,11 +193,16 @@ class CheckpointManager:
         gathered from every rank together with its RNG states.
         """
         rank, world = _rank_world()
+        if rank == 0:  # a killed or failed save's leftovers would take the space this one needs
+            self._remove_leftovers()
         tag = [uuid.uuid4().hex[:12] if rank == 0 else None]
         if _distributed():
             dist.broadcast_object_list(tag, src=0)
         tmp = self.root / f"{TMP_PREFIX}{step:08d}-{tag[0]}"
-        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._save_failed(step, tmp, exc) from exc
 
         per_rank = {"rank": rank, "rng": capture_rng_state(), "rank_state": rank_state}
         gathered: list[Any] = [None] * world
@@ -206,8 +211,15 @@ class CheckpointManager:
         else:
             gathered = [per_rank]
 
-        with _single_process_quiet():
-            dcp.save(adapt_state(state), storage_writer=dcp.FileSystemWriter(str(tmp)))
+        try:
+            with _single_process_quiet():
+                dcp.save(adapt_state(state), storage_writer=dcp.FileSystemWriter(str(tmp)))
+        except (Exception, CheckpointException) as exc:  # collective: every rank gets here
+            if _os_error(exc) is None:
+                if rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            raise self._save_failed(step, tmp, exc, remove=rank == 0) from exc
         if _distributed():
             dist.barrier()
         final = self.root / step_dir_name(step)
@@ -220,6 +232,10 @@ class CheckpointManager:
                 self._commit(tmp, final, info, gathered)
             except Exception as exc:  # every rank must hear of it, not wait in a barrier
                 failure = exc
+                if isinstance(exc, OSError):
+                    failure = self._save_failed(step, tmp, exc)
+                else:
+                    shutil.rmtree(tmp, ignore_errors=True)
             else:
                 try:
                     self.prune()
@@ -231,8 +247,33 @@ class CheckpointManager:
         if failure is not None:
             raise failure
         if status[0] is not None:
+            if status[0].startswith("UserError: "):
+                raise UserError(status[0][len("UserError: "):])
             raise RuntimeError(f"checkpoint of step {step} failed on rank 0: {status[0]}")
         return final
+
+    def _save_failed(self, step: int, tmp: Path, exc: BaseException,
+                     remove: bool = True) -> UserError:
+        """Remove the failed save's temp folder; the one-line error naming path and cause."""
+        if remove:
+            shutil.rmtree(tmp, ignore_errors=True)
+        error = _os_error(exc) or exc
+        cause = (f"{error.strerror} (errno {error.errno})"
+                 if isinstance(error, OSError) and error.strerror else str(error))
+        where = getattr(error, "filename", None) or tmp
+        previous = self.latest()
+        kept = (f"the previous checkpoint {previous} is intact" if previous is not None
+                else "there is no earlier checkpoint")
+        return UserError(f"checkpoint save of step {step} failed at {where}: {cause}; the "
+                         f"partial save was removed and {kept}")
+
+    def _remove_leftovers(self) -> None:
+        """Delete temp and trash folders of killed or failed saves and prunes."""
+        if not self.root.is_dir():
+            return
+        for child in self.root.iterdir():
+            if child.name.startswith((TMP_PREFIX, TRASH_PREFIX)) and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
 
     def _commit(self, tmp: Path, final: Path, info: dict, rank_states: list) -> None:
         """Rank 0: write the JSON files and marker, then rename and repoint (the commit)."""
@@ -267,9 +308,7 @@ class CheckpointManager:
             os.rename(path, trash)  # out of the scan at once, even if the delete is cut short
             shutil.rmtree(trash, ignore_errors=True)
             deleted.append(path)
-        for child in self.root.iterdir():
-            if child.name.startswith((TMP_PREFIX, TRASH_PREFIX)) and child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
+        self._remove_leftovers()
         return deleted
 
     # ----------------------------------------------------------------- load
@@ -333,6 +372,20 @@ def _layout_mismatch(exc: BaseException) -> str | None:
         match = _MISMATCH.search(str(error))
         if match:
             return match.group(1).rstrip(".")
+    return None
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed DCP call (on any rank), if that is what it was."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, CheckpointException):
+        for failure in exc.failures.values():
+            error = failure[0] if isinstance(failure, tuple) else failure
+            while error is not None and not isinstance(error, OSError):
+                error = error.__cause__ or error.__context__
+            if error is not None:
+                return error
     return None
 
 
