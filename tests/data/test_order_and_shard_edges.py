@@ -34,6 +34,14 @@ def test_shard_order_differs_between_epochs() -> None:
     assert same.unit_start.tolist() == units[1]  # a function of (seed, epoch) only
 
 
+def test_samples_inside_a_window_are_reshuffled_every_epoch() -> None:
+    """One shard, one window: the unit order cannot change, so only the window shuffle can."""
+    orders = [[EpochOrder([_Shards([50])], [1.0], seed=0, epoch=e, window_samples=64)[p][1]
+               for p in range(50)] for e in range(3)]
+    assert all(sorted(o) == list(range(50)) for o in orders)
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+
+
 def test_half_weighted_source_picks_different_halves_in_different_epochs() -> None:
     shards = _Shards([10] * 16)
     halves = [frozenset(EpochOrder([shards], [0.5], seed=0, epoch=e, window_samples=16)

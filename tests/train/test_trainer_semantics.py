@@ -154,3 +154,79 @@ def test_ibot_loss_weights_each_image_by_its_own_mask_count(
     assert logs["ibot_loss"] == pytest.approx(expected, rel=1e-5)
     unweighted = float(per_token.sum() / n_images)  # what a missing 1/n_masked would give
     assert abs(unweighted - expected) > 1e-2 * expected
+
+
+def soft_ce(student_logits: torch.Tensor, target: torch.Tensor, temp: float) -> torch.Tensor:
+    """Per-row -sum_k p_k log softmax(z / temp)_k, in float64."""
+    return -(target.double() * torch.log_softmax(student_logits.double() / temp, -1)).sum(-1)
+
+
+@pytest.mark.parametrize("separate_ibot_head", [False, True])
+def test_ssl_objective_matches_a_direct_computation(tiny_cfg, tmp_path: Path,
+                                                    separate_ibot_head: bool) -> None:
+    """The logged DINO, iBOT, KoLeo and total losses of a trainer step, and both centres after
+    it, recomputed from REFERENCE.md's formulas with copies of the models taken before the step:
+    teacher on the unmasked global crops, centred softmax at the teacher temperature; student on
+    every crop with iBOT masks on the global ones; DINO averaged over the (t, s != t) pairs;
+    iBOT per image over its masked patches / 2B; KoLeo on each global crop's CLS separately;
+    the configured weights."""
+    weights = {"dino": 0.7, "ibot": 1.3, "koleo": 0.2}
+    cfg = tiny_cfg(*PLAIN, "model.patch_size=7", "masking.mask_probability=1.0",
+                   "loss.warmup_teacher_temp=0.05", "loss.warmup_teacher_temp_epochs=0",
+                   "loss.teacher_temp=0.06", "loss.student_temp=0.2",
+                   *(f"loss.{k}_weight={v}" for k, v in weights.items()),
+                   f"heads.ibot_separate_head={str(separate_ibot_head).lower()}",
+                   "heads.ibot_n_prototypes=48", "heads.ibot_hidden_dim=64",
+                   "heads.ibot_bottleneck_dim=16")
+    trainer, batches = make_trainer(cfg, tmp_path / "run")
+    task = trainer.task
+    batch = batches[0]
+    gen = torch.Generator().manual_seed(7)
+    for center in (task.dino_center, task.ibot_center):
+        center.center.copy_(torch.randn(center.center.shape, generator=gen))
+    c_dino, c_ibot = task.dino_center.center.clone(), task.ibot_center.center.clone()
+    student, teacher = copy.deepcopy(task.student), copy.deepcopy(task.teacher)
+
+    applied, logs = trainer.train_step([batch], 0)
+    assert applied
+
+    t_temp, s_temp = 0.06, 0.2
+    g, loc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+    n_img, b = g.shape[0], int(batch["batch_size"])
+    idx = masks.flatten().nonzero().flatten()
+    t_ibot_head = teacher["ibot_head"] if separate_ibot_head else teacher["dino_head"]
+    s_ibot_head = student["ibot_head"] if separate_ibot_head else student["dino_head"]
+    with torch.no_grad():
+        t_out = teacher["backbone"](g)
+        t_cls = teacher["dino_head"](t_out["x_norm_clstoken"])
+        t_patch = t_ibot_head(t_out["x_norm_patchtokens"].flatten(0, 1)[idx])
+        s_glob, s_loc = student["backbone"]([g, loc], masks=[masks, None])
+        s_cls = student["dino_head"](torch.cat([s_glob["x_norm_clstoken"],
+                                                s_loc["x_norm_clstoken"]]))
+        s_patch = s_ibot_head(s_glob["x_norm_patchtokens"].flatten(0, 1)[idx])
+    p_cls = torch.softmax((t_cls - c_dino) / t_temp, -1)
+    p_patch = torch.softmax((t_patch - c_ibot) / t_temp, -1)
+
+    n_crops = s_cls.shape[0] // b
+    assert n_crops == 2 + cfg.crops.n_local
+    pairs = [soft_ce(s_cls[s * b:(s + 1) * b], p_cls[t * b:(t + 1) * b], s_temp).mean()
+             for t in range(2) for s in range(n_crops) if s != t]
+    dino = float(torch.stack(pairs).mean())
+
+    per_token = soft_ce(s_patch, p_patch, s_temp)
+    image = idx // masks.shape[1]
+    ibot = float(sum(per_token[image == i].mean() for i in range(n_img) if masks[i].any())
+                 / n_img)
+
+    koleo = float(sum(ssl_task.koleo_loss(s_glob["x_norm_clstoken"][c * b:(c + 1) * b])
+                      for c in range(2)))
+
+    assert logs["dino_loss"] == pytest.approx(dino, rel=1e-5)
+    assert logs["ibot_loss"] == pytest.approx(ibot, rel=1e-5)
+    assert logs["koleo_loss"] == pytest.approx(koleo, rel=1e-5)
+    total = weights["dino"] * dino + weights["ibot"] * ibot + weights["koleo"] * koleo
+    assert logs["loss"] == pytest.approx(total, rel=1e-5)
+    torch.testing.assert_close(task.dino_center.center,
+                               0.9 * c_dino + 0.1 * t_cls.mean(0, keepdim=True))
+    torch.testing.assert_close(task.ibot_center.center,
+                               0.9 * c_ibot + 0.1 * t_patch.mean(0, keepdim=True))
