@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import jpeg_bytes, write_shard
+import torch
+from data_helpers import jpeg_bytes, tiny_config, write_shard
 
 from dinosys.data.decode import BadImageError
+from dinosys.data.loader import build_ssl_loader
 from dinosys.data.order import EpochOrder
 from dinosys.data.sources import ShardSource
 
@@ -64,3 +66,21 @@ def test_stale_sizes_json_is_a_read_error(tmp_path: Path, photos: list[np.ndarra
         src.read(1)
     assert info.value.reason == "read_error"
     assert "stale sizes.json" in str(info.value)
+
+
+def test_augmentation_of_a_position_changes_with_the_epoch(tmp_path: Path,
+                                                           builtin_data: Path) -> None:
+    """Eight copies of one photo: the image at every position is the same in every epoch, so
+    only the per-(epoch, position) augmentation randomness can make the crops differ."""
+    photo = builtin_data / "photos" / "chelsea.png"
+    listing = tmp_path / "same.txt"
+    listing.write_text(f"{photo}\n" * 8)
+    cfg = tiny_config([(str(listing), 1.0)], batch_size=4)
+    it = iter(build_ssl_loader(cfg, 0, 1, patch_size=16))
+    epoch0, epoch1 = [next(it) for _ in range(2)], [next(it) for _ in range(2)]
+    for a, b in zip(epoch0, epoch1):
+        for key in ("global_crops", "local_crops"):
+            for i in range(len(a[key])):
+                assert not torch.equal(a[key][i], b[key][i]), (key, i)
+    again = iter(build_ssl_loader(cfg, 0, 1, patch_size=16))
+    assert torch.equal(next(again)["global_crops"], epoch0[0]["global_crops"])  # deterministic

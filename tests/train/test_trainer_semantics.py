@@ -5,6 +5,7 @@ weighting on a patch grid where images have different numbers of masked patches.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,62 @@ def test_ssl_objective_matches_a_direct_computation(tiny_cfg, tmp_path: Path,
                                0.9 * c_dino + 0.1 * t_cls.mean(0, keepdim=True))
     torch.testing.assert_close(task.ibot_center.center,
                                0.9 * c_ibot + 0.1 * t_patch.mean(0, keepdim=True))
+
+
+def test_teacher_is_the_ema_of_the_updated_student(tiny_cfg, tmp_path: Path) -> None:
+    """After a step: teacher = m * teacher_before + (1 - m) * student_after, with m the
+    scheduled momentum of that step (cosine from momentum_teacher)."""
+    cfg = tiny_cfg(*PLAIN, "optim.warmup_epochs=0", "optim.momentum_teacher=0.9",
+                   "optim.final_momentum_teacher=1.0")
+    trainer, batches = make_trainer(cfg, tmp_path / "run")
+    task = trainer.task
+    with torch.no_grad():  # a teacher that differs from the student, so both terms matter
+        for p in task.teacher.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    for step in (0, 10):  # schedules are functions of the step: momentum 0.9, then 0.95
+        teacher_before = snapshot(task.teacher)
+        student_before = snapshot(task.student)
+        applied, logs = trainer.train_step([batches[step % 4]], step)
+        assert applied
+        m = logs["momentum"]
+        assert m == pytest.approx(1.0 - 0.05 * (1 + math.cos(math.pi * step / 20)))
+        student = snapshot(task.student)
+        assert any(not torch.equal(student[k], student_before[k]) for k in student)
+        for name, value in snapshot(task.teacher).items():
+            expected = m * teacher_before[name] + (1 - m) * student[name]
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_skipped_step_leaves_models_optimizer_and_centres_as_they_were(
+        tiny_cfg, tmp_path: Path) -> None:
+    """A NaN loss (injected) and an inf gradient with a finite loss both skip the step: nothing
+    the step touched (weights, teacher, AdamW state, the centres updated by the forward) moves."""
+    cfg = tiny_cfg(*PLAIN, "optim.warmup_epochs=0", "debug_nonfinite_steps=[0]")
+    trainer, batches = make_trainer(cfg, tmp_path / "run")
+    task = trainer.task
+
+    def state() -> dict[str, torch.Tensor]:
+        out = {f"s.{k}": v for k, v in snapshot(task.student).items()}
+        out.update({f"t.{k}": v for k, v in snapshot(task.teacher).items()})
+        out.update({k: v.clone() for k, v in task.extra_state().items()})
+        return out
+
+    def assert_unchanged(before: dict[str, torch.Tensor]) -> None:
+        after = state()
+        assert [k for k in before if not torch.equal(before[k], after[k])] == []
+        assert not any(trainer.optimizer.state[p] for p in task.student.parameters())
+
+    before = state()
+    applied, _ = trainer.train_step([batches[0]], 0)  # NaN loss
+    assert not applied
+    assert_unchanged(before)
+
+    weight = task.student["backbone"].patch_embed.proj.weight
+    hook = weight.register_hook(lambda grad: grad * float("inf"))
+    applied, logs = trainer.train_step([batches[1]], 1)  # finite loss, inf gradient
+    hook.remove()
+    assert not applied and math.isfinite(logs["loss"])
+    assert_unchanged(before)
+
+    applied, _ = trainer.train_step([batches[1]], 1)  # and the next good step applies
+    assert applied and any(not torch.equal(v, before[k]) for k, v in state().items())
