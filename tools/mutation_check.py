@@ -24,12 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,24 +149,47 @@ def check_import_location(copy: Path, env: dict[str, str]) -> None:
                                f"(expected under {copy})")
 
 
-def pytest_cmd(tests: list[str], per_test_timeout: int) -> list[str]:
+def pytest_cmd(copy: Path, tests: list[str], per_test_timeout: int) -> list[str]:
+    """pytest on ``tests``: stop at the first failure, no cache, temporary files in the copy."""
     return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
             "--no-header", "-o", "addopts=--strict-markers", f"--timeout={per_test_timeout}",
-            *tests]
+            f"--basetemp={copy / '.pytest-tmp'}", *tests]
+
+
+_RUNNING: set[int] = set()  # process groups of the pytest runs in flight
+_STOP = threading.Event()  # set by SIGTERM/SIGINT: start no further mutant
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _stop_on_signal(signum: int, _frame: object) -> None:
+    """SIGTERM/SIGINT: end the pytest runs (own sessions, so not reached by a group kill)."""
+    _STOP.set()
+    for pid in list(_RUNNING):
+        _kill_group(pid)
+    raise SystemExit(128 + signum)
 
 
 def run_tests(copy: Path, env: dict[str, str], tests: list[str], timeout: int,
               per_test_timeout: int) -> tuple[str, str]:
     """('passed'|'failed'|'timeout', last line of the pytest output)."""
-    with subprocess.Popen(pytest_cmd(tests, per_test_timeout), cwd=copy, env=env, text=True,
+    with subprocess.Popen(pytest_cmd(copy, tests, per_test_timeout), cwd=copy, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           start_new_session=True) as proc:
+        _RUNNING.add(proc.pid)
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # pytest and whatever it started (torchrun)
+            _kill_group(proc.pid)  # pytest and whatever it started (torchrun)
             proc.communicate()
             return "timeout", f"no result after {timeout} s"
+        finally:
+            _RUNNING.discard(proc.pid)
     lines = [ln for ln in output.splitlines() if ln.strip()]
     failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
     summary = (failed[0] if failed else lines[-1] if lines else f"exit {proc.returncode}")
@@ -217,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=240, help="seconds per mutant (all its tests)")
     p.add_argument("--test-timeout", type=int, default=120, help="seconds per single test")
     p.add_argument("--min-ratio", type=float, default=0.95, help="fail below this kill ratio")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="mutants run at once, each in its own copy (default: 2, or 1 on 1 CPU)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the unmutated run of the covering tests in the copy")
     return p.parse_args(argv)
@@ -247,16 +275,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"mutants": len(mutants), "errors": len(errors), "stale": errors}))
         return 1 if errors else 0
 
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGINT, _stop_on_signal)
     with tempfile.TemporaryDirectory(prefix="dinosys-mutation-") as tmp:
-        copy = Path(tmp) / "repo"
-        copy_tree(REPO, copy)
-        env = copy_env(copy)
-        check_import_location(copy, env)
+        copies = [Path(tmp) / f"repo{j}" for j in range(max(1, args.jobs))]
+        for copy in copies:  # one copy per worker: a mutant owns its copy while it runs
+            copy_tree(REPO, copy)
+            check_import_location(copy, copy_env(copy))
         baseline = None
         if not args.no_baseline:
             tests = list(dict.fromkeys(t for m in mutants if m.equivalent is None
                                        for t in m.tests))
-            result, summary = run_tests(copy, env, tests, args.timeout * 4, args.test_timeout)
+            result, summary = run_tests(copies[0], copy_env(copies[0]), tests, args.timeout * 4,
+                                        args.test_timeout)
             baseline = f"{result} in {time.perf_counter() - t0:.0f} s"
             print(f"baseline (unmutated copy, {len(tests)} test files): {baseline}", flush=True)
             if result != "passed":
@@ -264,12 +295,29 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 print(json.dumps(summarise([], time.perf_counter() - t0, baseline)))
                 return 1
-        outcomes = []
-        for i, m in enumerate(mutants, 1):
-            o = run_mutant(m, copy, env, args.timeout, args.test_timeout)
-            outcomes.append(o)
-            print(f"[{i:3d}/{len(mutants)}] {o.status.upper():10s} {m.id:40s} "
-                  f"{o.seconds:6.1f}s  {o.detail}", flush=True)
+        free: queue.Queue[Path] = queue.Queue()
+        for copy in copies:
+            free.put(copy)
+        done = 0
+
+        def work(m: Mutant) -> Outcome:
+            if _STOP.is_set():
+                return Outcome(m, "error", detail="interrupted")
+            copy = free.get()
+            try:
+                return run_mutant(m, copy, copy_env(copy), args.timeout, args.test_timeout)
+            finally:
+                free.put(copy)
+
+        with ThreadPoolExecutor(max_workers=len(copies)) as pool:
+            futures = [pool.submit(work, m) for m in mutants]
+            for future in as_completed(futures):
+                o = future.result()
+                done += 1
+                print(f"[{done:3d}/{len(mutants)}] {o.status.upper():10s} {o.mutant.id:40s} "
+                      f"{o.seconds:6.1f}s  {o.detail}", flush=True)
+        order = {m.id: i for i, m in enumerate(mutants)}
+        outcomes = sorted((f.result() for f in futures), key=lambda o: order[o.mutant.id])
 
     result = summarise(outcomes, time.perf_counter() - t0, baseline)
     ratio = result["kill_ratio"]

@@ -1,5 +1,6 @@
 """Similarities exactly on a threshold (0.5 and 0.75 are exact in float32): every rule is "strictly
-above", for dedup edges, k-NN edges and decontamination touches."""
+above", for dedup edges, k-NN edges and decontamination touches. And a pair found from both sides
+with different scores (approximate indexes are not symmetric) keeps its highest score."""
 
 from __future__ import annotations
 
@@ -41,3 +42,13 @@ def test_decontamination_touch_exactly_on_the_threshold_drops_nothing() -> None:
     at = dd.decontaminate(2, no_edges, eval_sims, eval_ids, 0.5)
     assert at.drop.tolist() == [False, True] and at.eval_match.tolist() == [-1, 1]
     assert dd.decontaminate(2, no_edges, eval_sims, eval_ids, 0.75).drop.tolist() == [False, False]
+
+
+def test_knn_edge_seen_from_both_sides_keeps_the_highest_score() -> None:
+    ids = np.array([[0, 1], [1, 0], [2, 0]])
+    sims = np.array([[1.0, 0.75], [1.0, 0.875], [1.0, 0.5]], dtype=F32)
+    edges = dd.knn_edges(sims, ids, 0.25)
+    pairs = dict(zip(zip(edges.i.tolist(), edges.j.tolist()), edges.sim.tolist()))
+    assert pairs == {(0, 1): 0.875, (0, 2): 0.5}
+    # the pair survives a threshold between its two scores
+    assert len(dd.knn_edges(sims, ids, 0.8)) == 1

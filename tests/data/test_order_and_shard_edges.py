@@ -84,3 +84,35 @@ def test_augmentation_of_a_position_changes_with_the_epoch(tmp_path: Path,
                 assert not torch.equal(a[key][i], b[key][i]), (key, i)
     again = iter(build_ssl_loader(cfg, 0, 1, patch_size=16))
     assert torch.equal(next(again)["global_crops"], epoch0[0]["global_crops"])  # deterministic
+
+
+def _shards_cfg(id_shards: Path, batch_size: int):  # noqa: ANN202 - a TrainConfig
+    return tiny_config([(str(id_shards / "{000000..000002}.tar"), 1.0)], batch_size=batch_size)
+
+
+def test_an_epoch_that_divides_into_batches_uses_every_batch(id_shards: Path) -> None:
+    """25 samples, batches of 5: epoch 0 is exactly 5 batches holding each sample once."""
+    loader = build_ssl_loader(_shards_cfg(id_shards, 5), 0, 1, patch_size=16)
+    it = iter(loader)
+    epoch0 = [next(it) for _ in range(5)]
+    assert sorted(int(v) for b in epoch0 for v in b["labels"]) == list(range(25))
+    assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["consumed"] == 25
+    next(it)
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["consumed"] == 5
+
+
+def test_resume_one_batch_before_the_end_of_an_epoch(id_shards: Path) -> None:
+    """A state with exactly one global batch left resumes with that batch, not the next epoch."""
+    cfg = _shards_cfg(id_shards, 5)
+    reference = iter(build_ssl_loader(cfg, 0, 1, patch_size=16))
+    expected = [next(reference)["labels"].tolist() for _ in range(6)]
+    first = build_ssl_loader(cfg, 0, 1, patch_size=16)
+    it = iter(first)
+    for _ in range(4):
+        next(it)
+    state = first.state_dict()
+    assert (state["epoch"], state["consumed"]) == (0, 20)
+    resumed = build_ssl_loader(cfg, 0, 1, patch_size=16)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    it = iter(resumed)
+    assert [next(it)["labels"].tolist() for _ in range(2)] == expected[4:]
