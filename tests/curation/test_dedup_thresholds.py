@@ -52,3 +52,11 @@ def test_knn_edge_seen_from_both_sides_keeps_the_highest_score() -> None:
     assert pairs == {(0, 1): 0.875, (0, 2): 0.5}
     # the pair survives a threshold between its two scores
     assert len(dd.knn_edges(sims, ids, 0.8)) == 1
+
+
+def test_merged_edges_keep_each_pair_once_with_its_highest_score() -> None:
+    """unique_edges merges the edge lists of k-NN parts: repeats across parts collapse."""
+    i, j = np.array([0, 1, 0, 0]), np.array([1, 2, 1, 1])
+    edges = dd.unique_edges(i, j, np.array([0.5, 0.75, 0.875, 0.625], dtype=F32))
+    assert list(zip(edges.i.tolist(), edges.j.tolist(), edges.sim.tolist())) == [
+        (0, 1, 0.875), (1, 2, 0.75)]
