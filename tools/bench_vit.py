@@ -4,8 +4,10 @@
 Per architecture and attention backend, times training steps (forward, a scalar loss over
 cls + patch tokens, backward; no optimizer) on one image size or on a DINOv2 multi-crop batch
 (``--multicrop``: 2B crops of 224 px + 8B crops of 98 px in one call, like the student).
-FLOPs are analytic (dinosys.models.flops: matmuls only, backward = 2x forward, +1 forward per
-block with activation checkpointing); MFU = achieved FLOP/s / --peak-tflops.
+FLOPs are analytic (dinosys.models.flops: matmuls only, backward = 2x forward, efficient
+stochastic depth counting the samples its branches compute). MFU = model FLOP/s / peak; with
+activation checkpointing the recompute is reported apart, as hardware utilisation (hw_util).
+``--timm-baseline`` adds timm's DINOv2 ViT on the same crops (``timm`` row, ``vs_timm``).
 
     python tools/bench_vit.py --arch vit_tiny,vits14 --batch 2 --img-size 56 --steps 2
     python tools/bench_vit.py --arch vitl14,vitg14 --batch 32 --multicrop --dtype bf16 \
@@ -27,17 +29,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/timm_baseline.py
+
+from timm_baseline import timm_fwd_bwd, timm_name  # noqa: E402
 
 from dinosys.errors import UserError  # noqa: E402
 from dinosys.models import (  # noqa: E402
     apply_activation_checkpointing,
-    backbone_train_flops,
     compile_blocks,
     create_backbone,
+    enable_token_packing,
 )
 from dinosys.models.attention import xformers_unusable_reason  # noqa: E402
+from dinosys.models.flops import group_train_flops  # noqa: E402
+from dinosys.train.metrics import peak_tflops  # noqa: E402
 
-KNOWN_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 LOCAL_SIZE = 98
 GLOBAL_SIZE = 224
 
@@ -62,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every block")
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    p.add_argument("--pack", action="store_true",
+                   help="token packing: all crops' tokens as one (T, D) tensor per block")
+    p.add_argument("--timm-baseline", action="store_true",
+                   help="also time timm's DINOv2 ViT (eager) on the same crops")
     return p.parse_args(argv)
 
 
@@ -69,13 +79,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def default_peak(device: torch.device, dtype: str) -> float | None:
-    if device.type != "cuda" or dtype != "bf16":
-        return None
-    gpu = torch.cuda.get_device_name(device)
-    return next((v for k, v in KNOWN_PEAK_TFLOPS_BF16.items() if k in gpu), None)
 
 
 def make_inputs(batch: int, img_size: int, multicrop: bool, device: torch.device
@@ -105,13 +108,16 @@ def bench_one(arch: str, backend: str, args: argparse.Namespace, device: torch.d
     model = model.to(device).train()
     if args.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if args.pack:
+        enable_token_packing(model)
     if args.compile:
         compile_blocks(model)
     img_size = args.img_size or model.cfg.img_size
     inputs = make_inputs(args.batch, img_size, args.multicrop, device)
     crops = [x for _, x in inputs]
-    flops = sum(backbone_train_flops(model, s, args.activation_checkpointing) * x.shape[0]
-                for s, x in inputs)
+    flops = sum(group_train_flops(model, s, x.shape[0]) for s, x in inputs)
+    hw_flops = sum(group_train_flops(model, s, x.shape[0], args.activation_checkpointing)
+                   for s, x in inputs)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def step() -> None:
@@ -155,14 +161,39 @@ def bench_one(arch: str, backend: str, args: argparse.Namespace, device: torch.d
         row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if args.peak_tflops:
         row["mfu"] = row["tflops"] / args.peak_tflops
+        if args.activation_checkpointing:  # recompute included: utilisation, not MFU
+            row["hw_util"] = hw_flops / elapsed / 1e12 / args.peak_tflops
+    return row
+
+
+def bench_timm(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """timm's counterpart of ``arch`` on the same crops (forward+backward, eager)."""
+    row: dict = {"arch": arch, "backend": "timm"}
+    try:
+        name = timm_name(arch)
+    except SystemExit as exc:
+        row["status"] = f"skipped: {exc}"
+        return row
+    img_size = args.img_size or 224
+    inputs = make_inputs(args.batch, img_size, args.multicrop, device)
+    result = timm_fwd_bwd(name, [x for _, x in inputs], args.dtype, args.steps, args.warmup,
+                          args.drop_path)
+    row["status"] = result["status"]
+    if result["status"] == "ok":
+        elapsed = result["step_ms"] / 1e3
+        row.update(step_ms=result["step_ms"], img_per_s=args.batch / elapsed,
+                   crops_per_s=sum(x.shape[0] for _, x in inputs) / elapsed,
+                   timm_model=name)
+        if "peak_mem_gib" in result:
+            row["peak_mem_gib"] = result["peak_mem_gib"]
     return row
 
 
 def format_table(rows: list[dict]) -> str:
     cols = [("arch", "{}"), ("backend", "{}"), ("status", "{}"), ("step_ms", "{:.1f}"),
             ("img_per_s", "{:.1f}"), ("crops_per_s", "{:.1f}"), ("tflops", "{:.2f}"),
-            ("mfu", "{:.1%}"), ("peak_mem_gib", "{:.2f}"), ("peak_rss_gib", "{:.2f}"),
-            ("speedup_vs_sdpa", "{:.2f}x")]
+            ("mfu", "{:.1%}"), ("hw_util", "{:.1%}"), ("peak_mem_gib", "{:.2f}"),
+            ("peak_rss_gib", "{:.2f}"), ("speedup_vs_sdpa", "{:.2f}x"), ("vs_timm", "{:.2f}x")]
     cols = [(c, f) for c, f in cols if any(c in r for r in rows)]
     cells = [[c for c, _ in cols]]
     for r in rows:
@@ -179,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.batch < 1:
         raise SystemExit("bench_vit: --steps and --batch must be >= 1")
     if args.peak_tflops is None:
-        args.peak_tflops = default_peak(device, args.dtype)
+        args.peak_tflops = peak_tflops(device, None, args.dtype)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     torch.manual_seed(0)
@@ -194,11 +225,18 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"# {arch} {backend}: {row.get('status')} "
                   f"{row.get('img_per_s', 0):.1f} img/s", file=sys.stderr, flush=True)
+        if args.timm_baseline:
+            rows.append(bench_timm(arch, args, device))
+            print(f"# {arch} timm: {rows[-1].get('status')}", file=sys.stderr, flush=True)
     for row in rows:
         base = next((r for r in rows if r["arch"] == row["arch"] and r["backend"] == "sdpa"
                      and r.get("status") == "ok"), None)
         if base is not None and row.get("status") == "ok":
             row["speedup_vs_sdpa"] = row["img_per_s"] / base["img_per_s"]
+        timm = next((r for r in rows if r["arch"] == row["arch"] and r["backend"] == "timm"
+                     and r.get("status") == "ok"), None)
+        if timm is not None and row.get("status") == "ok" and row["backend"] != "timm":
+            row["vs_timm"] = row["img_per_s"] / timm["img_per_s"]
     inputs = (f"multicrop 2x{GLOBAL_SIZE} + 8x{LOCAL_SIZE} per image" if args.multicrop
               else f"{args.img_size or 'native'} px")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -209,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                "multicrop": args.multicrop, "img_size": args.img_size, "steps": args.steps,
                "peak_tflops": args.peak_tflops,
                "activation_checkpointing": args.activation_checkpointing,
-               "compile": args.compile, "baseline": "sdpa", "results": rows}
+               "compile": args.compile, "pack": args.pack, "drop_path": args.drop_path,
+               "baseline": "sdpa", "results": rows}
     print(json.dumps(summary, sort_keys=True))
     return 0
 

@@ -8,6 +8,7 @@ from dinosys.models.vit import (
     backbone_from_config,
     compile_blocks,
     create_backbone,
+    enable_token_packing,
     resolve_config,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "backbone_train_flops",
     "compile_blocks",
     "create_backbone",
+    "enable_token_packing",
     "resolve_config",
 ]

@@ -131,6 +131,28 @@ class Attention(nn.Module):
             out = math_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
+    def forward_packed(self, x: Tensor, layout: tuple[tuple[int, int], ...]) -> Tensor:
+        """Attention over packed tokens ``x`` (T, D) of groups ``layout`` ((B_i, N_i), ...):
+        one qkv and one output projection for every token; each group's sequences attend
+        within themselves (dense per-group SDPA, or one xformers block-diagonal call)."""
+        backend = resolve_backend(self.backend, x)
+        t, d = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x)
+        if backend == "xformers":
+            seqlens = tuple(n for b, n in layout for _ in range(b))
+            q, k, v = qkv.reshape(1, t, 3, h, d // h).unbind(2)
+            out = _xformers_ops().memory_efficient_attention(
+                q, k, v, attn_bias=_block_diagonal_mask(seqlens))
+            return self.proj(out.reshape(t, d))
+        outs = []
+        for part, (b, n) in zip(qkv.split([b * n for b, n in layout]), layout):
+            q, k, v = part.reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+            o = (F.scaled_dot_product_attention(q, k, v) if backend == "sdpa"
+                 else math_attention(q, k, v))
+            outs.append(o.transpose(1, 2).reshape(b * n, d))
+        return self.proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+
     def _forward_packed(self, xs: list[Tensor]) -> list[Tensor]:
         xops = _xformers_ops()
         d = xs[0].shape[-1]

@@ -4,6 +4,11 @@ Stochastic depth (drop path) follows DINOv2: at rates up to 0.1 each sample's re
 zeroed with probability ``rate`` and the rest rescaled by 1/(1-rate); above 0.1 the "efficient"
 variant computes the branch only on a random subset of floor((1-rate) * B) samples of each group
 and adds it back to those samples scaled by B/subset, saving the compute of the dropped ones.
+
+Token packing (``layout`` given): the groups arrive as ONE (T, D) tensor of all their tokens,
+so the norms, projections and FFN run as single matrix multiplies over every crop; attention
+splits the packed qkv back into its groups (each a dense batch of equal-length sequences, which
+is block-diagonal attention over the pack). Same function, same random draws, as the list form.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dinosys.models.attention import Attention
 from dinosys.models.layers import LayerScale, Mlp, SwiGLUFFNFused, drop_path_per_sample
 
 Branch = Callable[[list[Tensor]], list[Tensor]]
+PackedBranch = Callable[[Tensor, "Layout"], Tensor]
+Layout = tuple[tuple[int, int], ...]  # (sequences, tokens per sequence) of each packed group
 
 EFFICIENT_DROP_PATH_ABOVE = 0.1
 
@@ -45,8 +52,14 @@ class Block(nn.Module):
         """The feed-forward residual branch of each group (before stochastic depth)."""
         return [self.ls2(self.mlp(self.norm2(x))) for x in xs]
 
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
-        """Run the block; a Tensor (B, N, D) in gives a Tensor out, a list gives a list."""
+    def forward(self, x: Tensor | list[Tensor], layout: Layout | None = None
+                ) -> Tensor | list[Tensor]:
+        """Run the block; a Tensor (B, N, D) in gives a Tensor out, a list gives a list; with
+        ``layout``, ``x`` is the packed (T, D) tokens of those groups and so is the output."""
+        if layout is not None:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                return checkpoint(self._forward_packed, x, layout, use_reentrant=False)
+            return self._forward_packed(x, layout)
         xs = [x] if isinstance(x, Tensor) else list(x)
         if self.activation_checkpointing and torch.is_grad_enabled():
             out = list(checkpoint(self._forward_list, *xs, use_reentrant=False))
@@ -75,3 +88,42 @@ class Block(nn.Module):
                             alpha=x.shape[0] / idx.numel()).view_as(x)
             for x, idx, o in zip(xs, subsets, outs)
         ]
+
+    # ------------------------------------------------------------------ packed tokens
+
+    def attn_branch_packed(self, x: Tensor, layout: Layout) -> Tensor:
+        """The attention branch on packed tokens (T, D)."""
+        return self.ls1(self.attn.forward_packed(self.norm1(x), layout))
+
+    def ffn_branch_packed(self, x: Tensor, layout: Layout) -> Tensor:
+        """The feed-forward branch on packed tokens (T, D)."""
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def _forward_packed(self, x: Tensor, layout: Layout) -> Tensor:
+        x = self._add_residual_packed(x, layout, self.attn_branch_packed)
+        return self._add_residual_packed(x, layout, self.ffn_branch_packed)
+
+    def _add_residual_packed(self, x: Tensor, layout: Layout, branch: PackedBranch) -> Tensor:
+        rate = self.drop_path
+        if not self.training or rate == 0.0:
+            return x + branch(x, layout)
+        sizes = [b * n for b, n in layout]
+        if rate <= EFFICIENT_DROP_PATH_ABOVE:
+            out = branch(x, layout)
+            parts = [drop_path_per_sample(o.view(b, n, -1), rate).view(b * n, -1)
+                     for o, (b, n) in zip(out.split(sizes), layout)]
+            return x + torch.cat(parts)
+        rows, sub_layout, alphas, offset = [], [], [], 0
+        for b, n in layout:  # the same draws, in the same order, as the list form
+            keep = max(int(b * (1.0 - rate)), 1)
+            idx = torch.randperm(b, device=x.device)[:keep]
+            rows.append(offset + (idx[:, None] * n
+                                  + torch.arange(n, device=x.device)).flatten())
+            sub_layout.append((keep, n))
+            alphas.append(b / keep)
+            offset += b * n
+        index = torch.cat(rows)
+        out = branch(x[index], tuple(sub_layout))
+        scaled = torch.cat([o * a for o, a in zip(out.split([k * n for k, n in sub_layout]),
+                                                   alphas)])
+        return torch.index_add(x, 0, index, scaled.to(x.dtype))

@@ -96,6 +96,7 @@ class DinoVisionTransformer(nn.Module):
             for rate in rates
         )
         self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.pack_tokens = False  # enable_token_packing
         self.init_weights()
 
     # ------------------------------------------------------------------ initialisation
@@ -184,8 +185,17 @@ class DinoVisionTransformer(nn.Module):
         members = list(groups.values())
         hs = [torch.cat([tokens[i] for i in idx]) if len(idx) > 1 else tokens[idx[0]]
               for idx in members]
-        for blk in self.blocks:
-            hs = blk(hs)
+        if self.pack_tokens:
+            layout = tuple((h.shape[0], h.shape[1]) for h in hs)
+            x = torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]) if len(hs) > 1 \
+                else hs[0].reshape(-1, hs[0].shape[-1])
+            for blk in self.blocks:
+                x = blk(x, layout)
+            hs = [part.view(b, n, -1) for part, (b, n) in zip(x.split([b * n for b, n in layout]),
+                                                               layout)]
+        else:
+            for blk in self.blocks:
+                hs = blk(hs)
         per_crop: list[Tensor] = [torch.empty(0)] * len(xs)
         for idx, h in zip(members, hs):
             if len(idx) == 1:
@@ -292,6 +302,17 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 # distinct block graphs one model may need: train/eval, with/without grad, per crop-size set and
 # per stochastic-depth subset size; torch's default limit (8) would silently fall back to eager
 RECOMPILE_LIMIT = 64
+
+
+def enable_token_packing(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run every crop group's tokens through the blocks as one packed (T, D) tensor (one
+    matrix multiply per projection for all crops; attention stays per sequence)."""
+    backbones = [m for m in model.modules() if isinstance(m, DinoVisionTransformer)]
+    if not backbones:
+        raise UserError(f"{type(model).__name__} has no DINOv2 backbone")
+    for backbone in backbones:
+        backbone.pack_tokens = enabled
+    return model
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:

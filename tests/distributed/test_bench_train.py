@@ -46,6 +46,18 @@ def test_bench_single_process_cpu() -> None:
     check(run_bench([*TINY, "--act-ckpt"]), world=1, fsdp=False)
 
 
+def test_bench_packed_profiled_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_bench([*TINY, "--pack", "--profile", "1", "--timm-baseline", "--out", str(out)])
+    check(result, world=1, fsdp=False)
+    assert result["pack"] and json.loads(out.read_text()) == result
+    shares = result["profile"]["share"]
+    assert set(shares) == {"gemm", "attention", "optimizer", "elementwise", "other", "idle"}
+    assert shares["gemm"] > 0 and shares["optimizer"] > 0
+    assert "gemm" in out.with_suffix(".profile.txt").read_text()
+    assert result["timm"]["status"].startswith("skipped: no timm counterpart")
+
+
 @pytest.mark.dist
 def test_bench_fsdp_two_ranks_cpu() -> None:
     check(run_bench([*TINY, "--fsdp"], nproc=2), world=2, fsdp=True)
