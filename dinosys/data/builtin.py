@@ -9,7 +9,8 @@
 - ``DIR/photos/<name>.png``: the natural colour photos shipped by scikit-learn and scikit-image;
 - ``DIR/shards/<set>/{000000..}.tar`` + ``sizes.json``: WebDataset shards of mnist's and digits'
   train split and of all photos, samples keyed ``<set>_<split>_<index>`` / ``photos_<name>``
-  with ``.png``, ``.cls`` (labelled sets) and ``.json`` (provenance);
+  with ``.png``, ``.cls`` (labelled sets), ``.txt`` (a caption, dinosys.data.captions: image-text
+  training) and ``.json`` (provenance);
 - ``DIR/builtin.json``: the stamp (format, sets, counts, package versions, content digests).
 
 The split is fixed: within each class, images are ordered by
@@ -40,12 +41,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from dinosys.atomic import write_atomic
+from dinosys.data.captions import builtin_caption
 from dinosys.data.shard_writer import SIZES_FILE, ShardWriter, encode_image
 from dinosys.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the layout or the stamp changes: old builds are rebuilt
+FORMAT_VERSION = 3  # bump when the layout or the stamp changes: old builds are rebuilt
 SETS = ("mnist", "digits", "photos")
 SPLIT_SEED = "dinosys-builtin-v1"
 VAL_FRACTION = 0.2
@@ -230,6 +232,7 @@ def _build_set(set_name: str, tmp: Path) -> dict:
             if item.label is not None:
                 provenance["class"] = item.label
                 sample["cls"] = item.label
+            sample["txt"] = builtin_caption(set_name, item.index, item.label, item.name)
             sample["json"] = provenance
             writer.write(sample)
     return {

@@ -25,6 +25,7 @@ from dinosys.data.builtin import (
     split_of,
     tree_digest,
 )
+from dinosys.data.captions import DIGIT_WORDS
 from dinosys.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,6 +145,15 @@ def test_shards_match_the_image_tree(builtin_data: Path) -> None:
                 path = (builtin_data / name / "train" / str(meta["class"])
                         / f"{meta['index']:05d}.png")
             assert s["png"] == path.read_bytes()
+            caption = s["txt"].decode("utf-8")
+            if name == "photos":
+                assert caption.startswith("a ") and len(caption) > 20
+            else:  # a digit caption names its class, as a numeral or a word
+                assert str(meta["class"]) in caption or DIGIT_WORDS[meta["class"]] in caption
+        if name != "photos":  # varied templates within each class
+            for c in range(10):
+                texts = {s["txt"] for s in samples if int(s["cls"]) == c}
+                assert len(texts) >= 8, (name, c, texts)
         if name == "mnist":  # samples are mixed: every 1000-sample shard holds every class
             first = [json.loads(s["json"])["class"] for s in samples[:1000]]
             assert set(first) == set(range(10))
