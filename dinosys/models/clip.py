@@ -216,7 +216,7 @@ class CLIPModel(nn.Module):
     def config_dict(self) -> dict:
         """The architecture as plain data; a locked backbone's own architecture is recorded."""
         data = asdict(self.cfg)
-        data["image"]["backbone"] = self.image_backbone.config_dict()
+        data["image"]["backbone"] = asdict(self.image_backbone.cfg)
         data["image"]["pool"] = self.cfg.image.resolved_pool
         return data
 
