@@ -211,3 +211,9 @@ class CurationConfig:
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     shards: ShardOutConfig = field(default_factory=ShardOutConfig)
     progress: bool = True
+    # ingest stops with an error when more than this fraction of the listed images is
+    # unreadable (missing, empty, in a damaged shard); below it they are rows with a reason
+    max_unreadable_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_range(self.max_unreadable_fraction, "max_unreadable_fraction", 0.0, 1.0)

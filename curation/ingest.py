@@ -7,7 +7,9 @@ Shard members are located by byte offset, so later stages read one image without
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from curation.config import SourceConfig
+from dinosys.data.tar_scan import Damage, scan_tar
 from dinosys.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -99,39 +102,65 @@ def _list_items(list_file: Path) -> Iterator[Item]:
         yield Item(str(path))
 
 
+def _expected_count(tar_path: Path) -> int | None:
+    """The shard's sample count in the ``sizes.json`` beside it (ShardWriter's), if any."""
+    try:
+        value = json.loads((tar_path.parent / "sizes.json").read_text()).get(tar_path.name)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _damage_items(tar_path: Path, damage: list[Damage], found: int) -> Iterator[Item]:
+    """Rows for what a damaged shard lost: one per lost sample when ``sizes.json`` says how
+    many the shard held, else one per damaged byte range."""
+    where = "; ".join(d.describe() for d in damage)
+    expected = _expected_count(tar_path)
+    first = damage[0]
+    if expected is not None and expected > found:
+        for k in range(expected - found):
+            yield Item(str(tar_path), offset=first.offset, size=first.length,
+                       error=f"damaged shard: {where} (lost sample {k + 1} of {expected - found})")
+        return
+    for d in damage:
+        yield Item(str(tar_path), offset=d.offset, size=d.length,
+                   error=f"damaged shard: {d.describe()} (samples stored there are lost)")
+
+
 def _shard_items(pattern: str) -> Iterator[Item]:
     tars = _expand_shards(pattern)
     if not tars:
         raise UserError(f"no .tar shards match '{pattern}'")
     for tar_path in tars:
         try:
-            tar = tarfile.open(tar_path, mode="r:")
-        except (OSError, tarfile.TarError) as exc:
-            yield Item(str(tar_path), error=f"unreadable shard: {exc}")
+            scan = scan_tar(tar_path)
+        except OSError as exc:
+            yield Item(str(tar_path), error=f"unreadable shard: {exc.strerror or exc}")
             continue
-        with tar:
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            try:
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    base = info.name.rsplit("/", 1)[-1]
-                    key, _, ext = base.partition(".")
-                    prefix = info.name[: len(info.name) - len(base)]
-                    groups.setdefault(prefix + key, {})[ext.lower()] = info
-            except tarfile.TarError as exc:
-                yield Item(str(tar_path), error=f"truncated shard: {exc}")
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for info in scan.members:
+            base = info.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            prefix = info.name[: len(info.name) - len(base)]
+            groups.setdefault(prefix + key, {})[ext.lower()] = info
+        found = 0
+        with open(tar_path, "rb") as fh:
             for members in groups.values():
                 image = next((members[e] for e in ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
                               if e in members), None)
                 if image is None:
                     continue
+                found += 1
                 caption = ""
                 if "txt" in members:
-                    fh = tar.extractfile(members["txt"])
-                    caption = fh.read().decode("utf-8", "replace") if fh else ""
+                    fh.seek(members["txt"].offset_data)
+                    caption = fh.read(members["txt"].size).decode("utf-8", "replace")
                 yield Item(str(tar_path), member=image.name, offset=image.offset_data,
                            size=image.size, caption=caption)
+        if scan.damage:
+            log.warning("shard %s is damaged: %s", tar_path,
+                        "; ".join(d.describe() for d in scan.damage))
+            yield from _damage_items(tar_path, scan.damage, found)
 
 
 def read_item_bytes(path: str, member: str, offset: int, size: int) -> bytes:
@@ -182,6 +211,22 @@ def list_units(sources: list[tuple[str, SourceConfig]]) -> list[Unit]:
         units.extend(Unit(role, name, items=files[lo: lo + UNIT_FILES])
                      for lo in range(0, len(files), UNIT_FILES))
     return units
+
+
+def units_fingerprint(units: list[Unit]) -> list:
+    """What ingest reads, file by file: (path, size, mtime_ns, ctime_ns) of every listed image
+    and shard. An image replaced in place changes it even when its folder's stat does not (and
+    ctime changes even when a copy keeps the old mtime)."""
+    out: list = []
+    for unit in units:
+        paths = [item.path for item in unit.items] if unit.items is not None else [unit.shard]
+        for path in paths:
+            try:
+                st = os.stat(path)
+                out.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            except OSError:
+                out.append((path, None, None, None))
+    return out
 
 
 def hash_units(units: list[Unit], selected: list[int], progress: bool = True) -> dict[str, list]:
@@ -244,6 +289,24 @@ def finish_ingest(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     log.info("ingested %d images (%d exact duplicates, %d unreadable)", n,
              int((status == "exact_duplicate").sum()), int(bad.sum()))
     return {c: out[c] for c in COLUMNS}
+
+
+def check_unreadable_fraction(cols: dict[str, np.ndarray], limit: float) -> None:
+    """UserError when more than ``limit`` of the ingested rows are unreadable, naming the most
+    frequent reasons (a shard that lost samples counts each of them)."""
+    status = np.asarray(cols["status"])
+    bad = np.flatnonzero(status == "unreadable")
+    if not len(status) or len(bad) <= limit * len(status):
+        return
+    kinds: dict[str, int] = {}
+    for reason in np.asarray(cols["reason"])[bad]:
+        kind = str(reason).split(":")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    top = ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:3])
+    first = np.asarray(cols["path"])[bad[0]]
+    raise UserError(f"{len(bad)} of {len(status)} input images are unreadable ({top}; first: "
+                    f"{first}), more than max_unreadable_fraction={limit:g}: repair or remove "
+                    "the damaged inputs, or raise the limit")
 
 
 def ingest(sources: list[tuple[str, SourceConfig]], progress: bool = True) -> dict[str, list]:

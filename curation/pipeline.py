@@ -15,13 +15,18 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from curation.backbone import load_feature_model
 from curation.config import CurationConfig, EmbedConfig
 from curation.dedup_stage import knn_key, stage_dedup, stage_verify
 from curation.embed import embed_chunks, merge_chunks, n_chunks
-from curation.ingest import finish_ingest, hash_units, list_units
+from curation.ingest import (
+    check_unreadable_fraction,
+    finish_ingest,
+    hash_units,
+    list_units,
+    units_fingerprint,
+)
 from curation.parts import Part, complete_split, merge_once, split_stage, wait_parts
 from curation.select_stage import cluster_key, retrieve_key, stage_cluster, stage_retrieve
 from curation.store import Stage, digest, load_table, save_npy, save_table
@@ -39,18 +44,12 @@ def _sources(cfg: CurationConfig) -> list:
             + [("query", s) for s in cfg.retrieve.queries])
 
 
-def _path_stat(path: str) -> list:
-    p = Path(path.split("{")[0])
-    try:
-        st = p.stat()
-        return [str(p), st.st_size, st.st_mtime_ns]
-    except OSError:
-        return [str(p), None, None]
-
-
 def ingest_key(cfg: CurationConfig) -> str:
-    """Digest of the ingest: the sources and their paths' size and mtime."""
-    return digest("ingest", [(r, to_dict(s), _path_stat(s.path)) for r, s in _sources(cfg)])
+    """Digest of the ingest: the sources, and the size, mtime and ctime of every file it reads
+    (not only the top folder's: an image replaced in place must be hashed again)."""
+    sources = _sources(cfg)
+    return digest("ingest", [(r, to_dict(s)) for r, s in sources],
+                  units_fingerprint(list_units(sources)))
 
 
 def stage_ingest(cfg: CurationConfig, part: tuple[int, int] | None = None,
@@ -73,6 +72,7 @@ def stage_ingest(cfg: CurationConfig, part: tuple[int, int] | None = None,
             t = load_table(Part(stage, i, n).file("parquet"))
             parts.append({c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names})
         cols = finish_ingest(parts)
+        check_unreadable_fraction(cols, cfg.max_unreadable_fraction)
         save_table(stage.dir / "items.parquet", cols)
         status = cols["status"]
         summary = {"images": len(status),

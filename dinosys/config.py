@@ -184,11 +184,15 @@ class DataConfig:
     # a missing source or kNN folder inside this root (<root>/mnist/train...) gets the embedded
     # data built there; a missing path anywhere else is "not found"
     builtin_root: str = "data/builtin"
+    # stop with an error when more than this fraction of the samples read so far (at least
+    # BAD_FRACTION_MIN_SAMPLES) was unreadable: damaged shards, corrupt images, missing files
+    max_bad_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         check_choice(self.decoder, ("auto", "simplejpeg", "pil"), "data.decoder")
         if self.batch_size_per_gpu < 1:
             raise ConfigError("config key 'data.batch_size_per_gpu': must be >= 1")
+        check_range(self.max_bad_fraction, "data.max_bad_fraction", 0.0, 1.0)
 
 
 @dataclass

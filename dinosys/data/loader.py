@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 MAX_REPLACEMENTS = 32
+BAD_FRACTION_MIN_SAMPLES = 64  # data.max_bad_fraction is judged from this many samples on
 _LOG_FIRST_N_PER_REASON = 10
 _STREAM_REPLACE, _STREAM_MASK = 21, 22
 
@@ -259,6 +260,17 @@ class SSLLoader:
             if n <= _LOG_FIRST_N_PER_REASON or n % 1000 == 0:
                 logger.warning("skipped bad sample (%s, %d so far) %s %s", reason, n, where, detail)
 
+    def _check_bad_fraction(self) -> None:
+        """UserError when too large a share of the samples read so far was unreadable."""
+        bad = sum(self._bad.values())
+        read = bad + self._batches * self.batch_size
+        limit = self.cfg.data.max_bad_fraction
+        if read >= BAD_FRACTION_MIN_SAMPLES and bad > limit * read:
+            reasons = ", ".join(f"{r}: {n}" for r, n in self._bad.most_common())
+            raise UserError(f"{bad} of the {read} samples read so far were unreadable ({reasons}; "
+                            f"e.g. {self._recent_bad[-1]}), more than data.max_bad_fraction="
+                            f"{limit:g}: repair or remove the damaged data, or raise the limit")
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stream = SSLStream(self.cfg, self.rank, self.world_size, self.patch_size, self.sources,
                            self.weights, self.epoch, self.consumed)
@@ -281,6 +293,7 @@ class SSLLoader:
                 self._record(events)
                 self.epoch, self.consumed = epoch, consumed
                 self._batches += 1
+                self._check_bad_fraction()
                 yield batch
         finally:
             del it  # stop the workers now, not when a traceback holding this frame is collected

@@ -12,8 +12,7 @@ import hashlib
 import json
 import logging
 import os
-import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from dinosys.atomic import write_atomic
 from dinosys.config import DataSourceConfig
 from dinosys.data.decode import BadImageError
 from dinosys.data.folder import ImageFolder, read_file_list
+from dinosys.data.tar_scan import Damage, scan_tar
 from dinosys.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -72,24 +72,32 @@ class FileSource:
 
 @dataclass
 class ShardIndex:
-    """One shard's samples in tar order: key, image member (offset, size), label."""
+    """One shard's samples in tar order: key, image member (offset, size), label; and the byte
+    ranges of the shard that hold no readable member (``(offset, length, reason)``)."""
 
     keys: list[str]
     image: list[tuple[int, int] | None]
     labels: list[int]
+    damage: list[tuple[int, int, str]] = field(default_factory=list)
+
+    def damage_text(self) -> str:
+        """``garbage at offset 10240 (5120 bytes)``, ... (empty when the shard is sound)."""
+        return ", ".join(Damage(*d).describe() for d in self.damage)
 
 
 def index_shard(path: str) -> ShardIndex:
-    """Scan a tar's headers once (no payload reads except tiny .cls fields)."""
+    """Scan a tar's headers once, strictly (no payload reads except tiny .cls fields).
+
+    A damaged shard (garbage, cut short, empty, unreadable) is not an error: its readable
+    members are indexed and the rest is listed in ``damage`` (and logged with its offset)."""
     keys: list[str] = []
     image: list[tuple[int, int] | None] = []
     labels: list[int] = []
     pos: dict[str, int] = {}
     try:
-        with tarfile.open(path, mode="r:") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
+        scan = scan_tar(path)
+        with open(path, "rb") as fh:
+            for member in scan.members:
                 split = base_plus_ext(member.name)
                 if split[0] is None:
                     continue
@@ -104,14 +112,22 @@ def index_shard(path: str) -> ShardIndex:
                 if ext in IMAGE_FIELDS and image[i] is None:
                     image[i] = (member.offset_data, member.size)
                 elif ext == "cls" and member.size < 64:
-                    raw = tf.extractfile(member).read()  # type: ignore[union-attr]
+                    fh.seek(member.offset_data)
                     try:
-                        labels[i] = int(raw.decode("ascii").strip())
+                        labels[i] = int(fh.read(member.size).decode("ascii").strip())
                     except ValueError:
                         labels[i] = -1
-    except (OSError, tarfile.TarError) as exc:
-        raise UserError(f"cannot index shard {path}: {exc}") from exc
-    return ShardIndex(keys, image, labels)
+    except OSError as exc:
+        damage = [(0, 0, f"unreadable ({exc.strerror or exc})")]
+        logger.warning("shard %s cannot be read (%s): its samples are skipped and counted",
+                       path, exc.strerror or exc)
+        return ShardIndex([], [], [], damage)
+    index = ShardIndex(keys, image, labels,
+                       [(d.offset, d.length, d.reason) for d in scan.damage])
+    if index.damage:
+        logger.warning("shard %s is damaged: %s; %d samples readable, the ones stored there are "
+                       "skipped and counted", path, index.damage_text(), len(keys))
+    return index
 
 
 def _index_cache_file(path: str) -> Path:
@@ -134,13 +150,16 @@ def load_shard_index(path: str) -> ShardIndex:
     try:
         data = json.loads(cache.read_text())
         image = [tuple(m) if m is not None else None for m in data["image"]]
-        return ShardIndex(list(data["keys"]), image, list(data["labels"]))  # type: ignore[arg-type]
+        damage = [(int(o), int(n), str(r)) for o, n, r in data["damage"]]
+        return ShardIndex(list(data["keys"]), image, list(data["labels"]),  # type: ignore[arg-type]
+                          damage)
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        pass  # no cache, or one written before damage was recorded: scan again
     index = index_shard(path)
     try:
         write_atomic(cache, json.dumps({"shard": os.path.abspath(path), "keys": index.keys,
-                                        "image": index.image, "labels": index.labels}))
+                                        "image": index.image, "labels": index.labels,
+                                        "damage": index.damage}))
     except OSError as exc:  # a read-only home is fine: just no cache
         logger.debug("cannot cache the index of %s: %s", path, exc)
     return index
@@ -223,6 +242,10 @@ class ShardSource:
             idx = self._index[shard] = load_shard_index(self.shards[shard])
         where = f"{self.shards[shard]}"
         if local >= len(idx.keys):
+            expected = int(self.unit_sizes[shard])
+            if idx.damage:  # sizes.json counts the samples the damage took
+                raise BadImageError("damaged_shard", f"{where}: {idx.damage_text()}; sample "
+                                    f"{local} of {expected} lost ({len(idx.keys)} readable)")
             raise BadImageError("read_error", f"{where}: no sample {local} (stale sizes.json?)")
         where = f"{where}:{idx.keys[local]}"
         member = idx.image[local]
