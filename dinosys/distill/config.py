@@ -1,0 +1,107 @@
+"""Configuration of a distillation job: the teacher, the students and the objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from dinosys.config import (
+    BackboneConfig,
+    CheckpointConfig,
+    ConfigError,
+    CropConfig,
+    DataConfig,
+    DistConfig,
+    HeadConfig,
+    LogConfig,
+    MaskConfig,
+    OptimConfig,
+    PeriodicEvalConfig,
+    SSLLossConfig,
+    check_choice,
+)
+
+MODES = ("auto", "heads", "features")
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher (see dinosys.distill.teacher for the accepted paths)."""
+
+    path: str = MISSING  # run dir, checkpoint, export, timm or HF directory, or a weights file
+    arch: str | None = None  # architecture of a bare weights file (vits14 ... vitg14[_reg])
+    num_heads: int | None = None  # attention heads of a bare weights file when not the arch's
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; bf16, fp32
+
+    def __post_init__(self) -> None:
+        check_choice(self.dtype, ("auto", "bf16", "fp32"), "teacher.dtype")
+
+
+@dataclass
+class StudentConfig:
+    """One student: architecture, heads, its ranks and its own optimisation knobs.
+
+    ``None`` knobs take the job-wide ``optim.*`` value. Heads get the teacher's prototype
+    counts (the targets' width) whatever ``heads.n_prototypes`` says.
+    """
+
+    name: str = MISSING
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    heads: HeadConfig = field(default_factory=HeadConfig)
+    ranks: list[int] | None = None  # [first, last] ranks (inclusive); None: every rank, in turn
+    base_lr: float | None = None
+    layerwise_decay: float | None = None
+    clip_grad: float | None = None
+    ema_momentum: float | None = None  # start of the cosine EMA schedule (-> final_momentum)
+
+    def __post_init__(self) -> None:
+        if self.name is not MISSING and (not self.name or not self.name.replace("_", "").isalnum()):
+            raise ConfigError(f"config key 'students.name': {self.name!r} must be a non-empty "
+                              "name of letters, digits and underscores")
+
+
+@dataclass
+class DistillLossConfig(SSLLossConfig):
+    """Head mode: DINOv2's DINO + iBOT + KoLeo on the teacher's normalised head outputs.
+    Feature mode: normalised cls/patch tokens, cosine + smooth-L1 (+ KoLeo if weighted)."""
+
+    mode: str = "auto"  # auto: heads when the teacher has them, else features
+    mask_student: bool = False  # DINOv2: no masking of student inputs; DINOv3 kept it
+    cls_weight: float = 1.0
+    patch_weight: float = 1.0
+    cosine_weight: float = 1.0
+    smooth_l1_weight: float = 1.0
+    smooth_l1_beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.mode, MODES, "loss.mode")
+
+
+@dataclass
+class DistillConfig:
+    """`dinosys distill`: a frozen teacher into one or more students (one teacher forward)."""
+
+    name: str = "distill"
+    seed: int = 0
+    max_steps: int | None = None  # None: optim.epochs * optim.iters_per_epoch
+    max_consecutive_nonfinite: int = 5
+    debug_nonfinite_steps: list[int] = field(default_factory=list)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    students: list[StudentConfig] = field(default_factory=list)
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    masking: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
+    export_formats: list[str] = field(default_factory=lambda: ["native"])
+
+    def __post_init__(self) -> None:
+        if not self.students:
+            raise ConfigError("config key 'students': list at least one student "
+                              "(name, model.arch, ...)")
