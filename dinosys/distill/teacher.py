@@ -324,7 +324,7 @@ def _section(data: dict, schema: type, key: str) -> Any:
 
 
 def _from_run(path: Path) -> TeacherSource:
-    from dinosys.dist.checkpoint import load_backbone_state, resolve_checkpoint
+    from dinosys.distributed.sharded_checkpoint import load_backbone_state, resolve_checkpoint
 
     try:
         ckpt = resolve_checkpoint(path)
