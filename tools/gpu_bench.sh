@@ -5,8 +5,9 @@
 # summary, the same-run timm baseline, and a ViT-g batch sweep. Every run has its own timeout;
 # the whole matrix stays under GPU_BENCH_SECONDS (default 420 s) of wall time.
 #
-# Results go to ${OUT:-gpu-results} as five files: device.txt, tests.log, bench.log (all
-# output), results.jsonl (one bench_train JSON per line, profile included), profiles.txt.
+# Results go to ${OUT:-gpu-results} as six files: device.txt, tests.log, bench.log (all
+# output), results.jsonl (one bench_train JSON per line, profile included), profiles.txt, and
+# summary.md (tools/gpu_bench_report.py: the tables for benchmarks/results/).
 #
 # On the lent device machine: carry .whl (omegaconf, simplejpeg, webdataset, braceexpand wheels
 # for its Python 3.12; torch, timm, numpy, pyyaml are there) and run `bash tools/gpu_bench.sh`.
@@ -103,10 +104,13 @@ else
   bench g12_compile 170 --config vitg14 "${R[@]}" --batch-size 12 --pack --compile --profile 2
   # 4. ViT-L/14 recipe, compiled + packed, timm alongside
   bench l32_compile 130 --config vitl14 "${R[@]}" --batch-size 32 --pack --compile --timm-baseline
-  # 5. ViT-g batch sweep (eager, packed) as time allows
+  # 5. packing's share: the first run without it
+  bench g12_eager_nopack 60 --config vitg14 "${R[@]}" --batch-size 12
+  # 6. ViT-g batch sweep (eager, packed) as time allows
   for bs in 24 48 32; do
     bench g${bs}_eager 60 --config vitg14 "${R[@]}" --batch-size $bs --pack
   done
 fi
 echo "total ${SECONDS}s (budget ${BUDGET}s)" | tee -a "$LOG"
+$PY tools/gpu_bench_report.py "$OUT" > "$OUT/summary.md" 2>> "$LOG"
 grep -h "^=> \|^gpu tests" "$LOG"

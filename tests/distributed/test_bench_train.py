@@ -56,6 +56,13 @@ def test_bench_packed_profiled_cpu(tmp_path: Path) -> None:
     assert shares["gemm"] > 0 and shares["optimizer"] > 0
     assert "gemm" in out.with_suffix(".profile.txt").read_text()
     assert result["timm"]["status"].startswith("skipped: no timm counterpart")
+    # tools/gpu_bench_report.py turns gpu_bench.sh's results.jsonl into the results tables
+    (tmp_path / "results.jsonl").write_text(json.dumps({**result, "run": "tiny", "rc": 0})
+                                            + "\n" + json.dumps({"run": "oom", "rc": 1}) + "\n")
+    report = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_bench_report.py"),
+                             str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert "| tiny | vit_tiny | 4 | no | yes | no | no |" in report
+    assert "| oom | no result (rc 1) |" in report and "tiny profile" in report
 
 
 @pytest.mark.dist
