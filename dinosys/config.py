@@ -231,6 +231,7 @@ class DistConfig:
     grad_accum_steps: int = 1
     activation_checkpointing: bool = False
     compile: bool = False
+    pack_tokens: bool = False  # all crops' tokens as one tensor per block (models.vit)
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "reduce_dtype"):

@@ -47,7 +47,6 @@ from dinosys.data.masking import MaskGenerator  # noqa: E402
 from dinosys.distributed.env import DistEnv, init_distributed, seed_everything  # noqa: E402
 from dinosys.distributed.fsdp import prepare_for_training  # noqa: E402
 from dinosys.distributed.layout import apply_single_device_layout  # noqa: E402
-from dinosys.models import enable_token_packing  # noqa: E402
 from dinosys.train.device_step import read_scalars  # noqa: E402
 from dinosys.train.loop import Trainer  # noqa: E402
 from dinosys.train.metrics import peak_tflops  # noqa: E402
@@ -76,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compute dtype (dist.param_dtype)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--pack", action="store_true",
-                   help="token packing: all crops' tokens as one (T, D) tensor per block")
+                   help="token packing (dist.pack_tokens): all crops' tokens as one (T, D) "
+                        "tensor per block")
     p.add_argument("--act-ckpt", action="store_true",
                    help="force activation checkpointing per block")
     p.add_argument("--fsdp", action="store_true", help="force FSDP2 (also on a single device)")
@@ -113,6 +113,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         flags.append("dist.compile=true")
     if args.act_ckpt:
         flags.append("dist.activation_checkpointing=true")
+    if args.pack:
+        flags.append("dist.pack_tokens=true")
     flags.append(f"dist.fsdp={'true' if args.fsdp else 'false'}")
     flags.append(f"max_steps={max(10**6, args.warmup + args.steps)}")
     return load_config(TrainConfig, args.config, [*flags, *args.overrides], kind="train")
@@ -172,9 +174,6 @@ def run(args: argparse.Namespace) -> dict:
     with torch.device(env.device):  # initialise on the device: seconds, not minutes, for ViT-g
         task = SSLTask(cfg, env.device)
     prepare_for_training(task.student, task.teacher, env, cfg.dist)  # FSDP2 when sharding
-    if args.pack:
-        enable_token_packing(task.student["backbone"])
-        enable_token_packing(task.teacher["backbone"])
     batch = synthetic_batch(cfg, task.patch_size, env.device)
     step_flops = task.step_flops(batch)
     n_params = sum(p.numel() for p in task.student["backbone"].parameters())  # DTensor: global
@@ -237,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
         "crops": f"2x{cfg.crops.global_size}+{cfg.crops.n_local}x{cfg.crops.local_size}",
         "dtype": cfg.dist.param_dtype, "attn_backend": cfg.model.attn_backend,
         "compile": cfg.dist.compile, "act_ckpt": cfg.dist.activation_checkpointing,
-        "pack": args.pack,
+        "pack": cfg.dist.pack_tokens,
         "fsdp": isinstance(env, _ShardedSingleProcess) or (env.is_distributed and cfg.dist.fsdp),
         "layout_reason": layout_reason, "drop_path_rate": cfg.model.drop_path_rate,
         "n_prototypes": cfg.heads.n_prototypes,

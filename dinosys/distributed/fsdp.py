@@ -74,13 +74,19 @@ def shard_model(parts: Mapping[str, nn.Module], mesh, cfg: DistConfig,
 
 def prepare_for_training(student: Mapping[str, nn.Module], teacher: Mapping[str, nn.Module],
                          env: DistEnv, cfg: DistConfig) -> None:
-    """Move to the device; AC + compile on the student backbone; FSDP2 both models identically.
+    """Move to the device; token packing on both backbones, AC + compile on the student
+    backbone (compile on the teacher's too); FSDP2 both models identically.
 
     Call after the teacher was initialised as a copy of the student and before building the
     optimizer (FSDP2 replaces parameters by DTensors in place of the originals).
     """
     for module in {id(m): m for m in (*student.values(), *teacher.values())}.values():
         module.to(env.device)
+    if cfg.pack_tokens:
+        from dinosys.models import vit
+
+        vit.enable_token_packing(student["backbone"])
+        vit.enable_token_packing(teacher["backbone"])
     apply_ac_and_compile(student["backbone"], cfg)
     if cfg.compile:
         from dinosys.models import vit
