@@ -2,7 +2,7 @@
 # The whole test suite on a fresh machine: installs what it needs (venv, Slurm via apt),
 # brings up the local Slurm cluster, runs ruff and pytest, and stops Slurm again.
 # Extra arguments go to pytest (e.g. tools/test.sh -m "not slow"). When pytest passes, the mutation
-# check follows (tools/mutation_check.py, ~10 min on 2 cores); DINOSYS_SKIP_MUTATION=1 skips it.
+# check follows (tools/mutation_check.py, 5 CPU-minutes); DINOSYS_SKIP_MUTATION=1 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/bootstrap.sh
