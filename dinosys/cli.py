@@ -65,6 +65,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval_knn(args: argparse.Namespace) -> int:
     from dinosys.eval.knn import run_knn
 
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a folder; name the JSON file to write")
+
     result = run_knn(
         args.model, Path(args.train), Path(args.val), ks=args.k,
         temperature=args.temperature, batch_size=args.batch_size,

@@ -42,7 +42,9 @@ def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence
 
 
 class _FolderImages(Dataset):
-    """(preprocessed image, label) of each sample; an unreadable image is a UserError."""
+    """(preprocessed image, label, error) of each sample: an unreadable image gives zeros and
+    its error text, which :meth:`ImageSet.batches` raises as one UserError line in the main
+    process (raised in a DataLoader worker, it would carry the worker's whole traceback)."""
 
     def __init__(self, samples: Sequence[tuple[Path, int]], size: int,
                  mean: Sequence[float], std: Sequence[float]) -> None:
@@ -51,13 +53,15 @@ class _FolderImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         path, label = self.samples[i]
         try:
             img = decode_image(Path(path).read_bytes(), MAX_PIXELS, draft_size=(self.size,) * 2)
         except (OSError, BadImageError) as exc:
-            raise UserError(f"cannot read evaluation image {path}: {exc}") from exc
-        return preprocess(img, self.size, self.mean, self.std), label
+            error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return torch.zeros(3, self.size, self.size), label, \
+                f"cannot read evaluation image {path}: {error}"
+        return preprocess(img, self.size, self.mean, self.std), label, ""
 
 
 @dataclass
@@ -87,8 +91,13 @@ class ImageSet:
         if num_workers is None:
             num_workers = min(8, max(0, (os.cpu_count() or 1) - 1))
         dataset = _FolderImages(self.samples, self.size, self.mean, self.std)
-        for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                    pin_memory=torch.cuda.is_available()):
+        for images, _, errors in DataLoader(dataset, batch_size=batch_size,
+                                            num_workers=num_workers,
+                                            pin_memory=torch.cuda.is_available()):
+            bad = [e for e in errors if e]
+            if bad:
+                more = f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
+                raise UserError(bad[0] + more)
             yield images
 
     def preload(self) -> ImageSet:

@@ -103,6 +103,8 @@ def run_knn(model: str | nn.Module, train: Path, val: Path, ks: Sequence[int] = 
         raise UserError(f"--k needs positive neighbour counts, got {list(ks)}")
     if temperature <= 0:
         raise UserError(f"--temperature must be > 0, got {temperature}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
     module = load_eval_model(model) if not isinstance(model, nn.Module) else model.eval()
     size = model_image_size(module)
