@@ -20,7 +20,6 @@ from dinosys.names import check_name
 NOT_YET = {
     "clip": "CLIP image-text training is not built yet (planned after the SSL trainer)",
     "distill": "distillation is not built yet (planned after the SSL trainer)",
-    "eval linear": "linear-probe evaluation is not built yet; use `dinosys eval knn`",
 }
 
 
@@ -62,22 +61,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval_knn(args: argparse.Namespace) -> int:
-    from dinosys.eval.knn import run_knn
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dinosys.eval.cli import main as eval_main  # the evaluator registry builds its parser
 
-    if args.out and Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a folder; name the JSON file to write")
-
-    result = run_knn(
-        args.model, Path(args.train), Path(args.val), ks=args.k,
-        temperature=args.temperature, batch_size=args.batch_size,
-    )
-    if args.out:
-        from dinosys.atomic import write_atomic
-
-        write_atomic(Path(args.out), json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print_json(result)
-    return 0
+    return eval_main(args.eval_args)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -142,22 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_not_yet("distill"))
 
-    p = sub.add_parser("eval", help="evaluate a backbone on image folders")
-    esub = p.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
-    k = esub.add_parser("knn", help="weighted kNN on L2-normalised cls features; prints JSON")
-    k.add_argument("--model", required=True, help="run directory, checkpoint or exported model")
-    k.add_argument("--train", required=True, help="image folder DIR/<class>/<image>")
-    k.add_argument("--val", required=True, help="image folder DIR/<class>/<image>")
-    k.add_argument("--k", type=int, nargs="+", default=[10, 20], help="neighbour counts")
-    k.add_argument("--temperature", type=float, default=0.07)
-    k.add_argument("--batch-size", type=int, default=256)
-    k.add_argument("--out", help="also write the JSON result to this file")
-    k.set_defaults(func=_cmd_eval_knn)
-    lin = esub.add_parser("linear", help="linear probe on frozen features (not built yet)")
-    lin.add_argument("--model", required=True)
-    lin.add_argument("--train", required=True)
-    lin.add_argument("--val", required=True)
-    lin.set_defaults(func=_not_yet("eval linear"))
+    # `dinosys eval NAME ...`: parsed by dinosys.eval.cli from the evaluator registry (imported
+    # only for this command; `dinosys eval --help` lists the evaluators)
+    p = sub.add_parser("eval", help="evaluate a model: knn, linear, suite, ... "
+                       "(`dinosys eval --help`)", add_help=False, prefix_chars="\0")
+    p.add_argument("eval_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="export a model: safetensors + config (+ timm, hf, onnx)")
     p.add_argument("--model", required=True, help="run directory or checkpoint")

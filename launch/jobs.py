@@ -9,18 +9,20 @@ even if the YAML files changed meanwhile.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
-import io
 import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from dinosys.atomic import write_atomic
 from dinosys.config import load_config, to_yaml
 from dinosys.errors import NotAvailableError, UserError
+from dinosys.eval.cli import EvalRequest
 from launch.task import TaskContext
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,20 @@ def run_cli_work(argv: list[str], config_yaml: str | None, ctx: TaskContext) -> 
     return summary
 
 
+def run_eval_work(request: EvalRequest, ctx: TaskContext) -> dict:
+    """A task of an evaluation job: the evaluator on this task's shard of every image set,
+    through ``dinosys.eval.cli.run_request`` (the JSON result lands in
+    ``RUN/eval/<evaluator>.json`` unless the request names a file)."""
+    from dinosys.eval.cli import run_request
+
+    if request.out is None:
+        request = dataclasses.replace(request,
+                                      out=ctx.run_dir / "eval" / f"{request.evaluator}.json")
+    result = run_request(request)
+    return {"status": "finished", "evaluator": result.get("evaluator"),
+            "metrics": result.get("metrics"), "out": str(request.out)}
+
+
 def run_curate_work(stage: str, config_yaml: str, parts: int, ctx: TaskContext) -> dict:
     """A task of a curation job: ``dinosys-curate STAGE CONFIG [--part i/n]`` in-process, on the
     resolved config. ``parts`` > 0: this task runs part i of ``parts`` of the stage (i = its
@@ -135,40 +151,24 @@ def _prepare_config_cli(kind: str, config: str, overrides: list[str]) -> Prepare
                        resolved_config=to_yaml(cfg), distributed=True, handles_preemption=False)
 
 
-def _parse_dinosys_args(argv: list[str]) -> object:
-    """Parse with the real `dinosys` parser; its error becomes one UserError line."""
-    from dinosys.cli import build_parser
-
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(argv)
-    except SystemExit as exc:
-        lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        raise UserError(lines[-1] if lines else f"invalid arguments: {' '.join(argv)}") from exc
-
-
 def _prepare_eval(job_args: list[str]) -> PreparedJob:
+    """Any registered evaluator (or the suite), parsed and validated here with the `dinosys
+    eval` parser; every task of the job runs it through the evaluator registry (features
+    sharded over the tasks, one per GPU)."""
     if not job_args:
         raise UserError("`eval` needs the `dinosys eval` arguments after `--`, e.g. "
                         "`-- knn --model RUN --train DIR --val DIR`")
-    args = _parse_dinosys_args(["eval", *job_args])
-    protocol = args.eval_command  # type: ignore[attr-defined]
-    import dinosys.cli
+    from dinosys.eval.cli import parse_request
 
-    if f"eval {protocol}" in getattr(dinosys.cli, "NOT_YET", {}):
-        reason = dinosys.cli.NOT_YET[f"eval {protocol}"]
-        raise NotAvailableError(f"dinosys eval {protocol}: {reason}")
-    for flag in ("model", "train", "val"):
-        value = getattr(args, flag, None)
-        if value is not None and not Path(value).exists():
-            raise UserError(f"eval --{flag} {value}: no such file or directory")
-    argv = ["eval", *job_args]
-    if getattr(args, "out", "missing") is None:  # knn --out: keep the JSON in the run directory
-        argv += ["--out", f"{{run_dir}}/eval/{protocol}.json"]
-    return PreparedJob(kind="eval", name=f"eval-{protocol}",
-                       work=functools.partial(run_cli_work, argv, None), resolved_config=None,
-                       distributed=False, handles_preemption=False)
+    request = parse_request(job_args)
+    if not request.model.startswith("random:") and not Path(request.model).exists():
+        raise UserError(f"eval --model {request.model}: no such file or directory")
+    record = yaml.safe_dump({"evaluator": request.evaluator, "model": request.model,
+                             "config": dataclasses.asdict(request.config),
+                             "command": request.command()}, sort_keys=False)
+    return PreparedJob(kind="eval", name=f"eval-{request.evaluator}",
+                       work=functools.partial(run_eval_work, request), resolved_config=record,
+                       distributed=True, handles_preemption=False)
 
 
 CURATE_ARRAYS = ("ingest", "embed", "dedup", "verify", "cluster", "retrieve", "shard")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.data.decode import BadImageError, decode_image
@@ -82,15 +82,29 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def batches(self, batch_size: int, num_workers: int | None = None) -> Iterator[torch.Tensor]:
-        """Preprocessed images in order, ``batch_size`` at a time (parallel decode)."""
+    def n_batches(self, batch_size: int) -> int:
+        """How many batches of ``batch_size`` the set has (the last one may be short)."""
+        return -(-len(self.samples) // batch_size)
+
+    def batches(self, batch_size: int, num_workers: int | None = None,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
+        """Preprocessed images in order, ``batch_size`` at a time (parallel decode).
+
+        ``shard=(rank, world)``: only batches ``rank, rank + world, ...`` of the whole set, so
+        ``world`` processes together see exactly the batches one process would (same images in
+        each batch, hence bitwise the same features).
+        """
+        rank, world = shard
+        mine = range(rank, self.n_batches(batch_size), world)
         if self.images is not None:
-            for start in range(0, len(self.images), batch_size):
-                yield self.images[start:start + batch_size]
+            for b in mine:
+                yield self.images[b * batch_size:(b + 1) * batch_size]
             return
         if num_workers is None:
             num_workers = min(8, max(0, (os.cpu_count() or 1) - 1))
-        dataset = _FolderImages(self.samples, self.size, self.mean, self.std)
+        indices = [i for b in mine
+                   for i in range(b * batch_size, min((b + 1) * batch_size, len(self.samples)))]
+        dataset = Subset(_FolderImages(self.samples, self.size, self.mean, self.std), indices)
         for images, _, errors in DataLoader(dataset, batch_size=batch_size,
                                             num_workers=num_workers,
                                             pin_memory=torch.cuda.is_available()):
@@ -99,6 +113,13 @@ class ImageSet:
                 more = f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
                 raise UserError(bad[0] + more)
             yield images
+
+    def subset(self, indices: Sequence[int]) -> ImageSet:
+        """The images at ``indices`` (in that order), same classes and preprocessing."""
+        idx = [int(i) for i in indices]
+        images = self.images[idx] if self.images is not None else None
+        return ImageSet([self.samples[i] for i in idx], self.classes, self.size, self.mean,
+                        self.std, images)
 
     def preload(self) -> ImageSet:
         """Decode every image once and keep the tensor (small sets only)."""
@@ -118,3 +139,21 @@ def load_image_folder(root: Path, size: int, mean: Sequence[float] = IMAGENET_ME
     if len(samples) * 3 * size * size * 4 <= preload_bytes:
         image_set.preload()
     return image_set
+
+
+def load_class_folders(model: object, train: str | Path, val: str | Path
+                       ) -> tuple[ImageSet, ImageSet]:
+    """Train and val folders preprocessed for ``model`` (an EvalModel: ``image_size``,
+    ``mean``, ``std``); UserError unless both have the same class folders, at least two."""
+    size, mean, std = model.image_size, model.mean, model.std  # type: ignore[attr-defined]
+    train_set = load_image_folder(Path(train), size, mean, std)
+    val_set = load_image_folder(Path(val), size, mean, std)
+    if train_set.classes != val_set.classes:
+        only_train = sorted(set(train_set.classes) - set(val_set.classes))
+        only_val = sorted(set(val_set.classes) - set(train_set.classes))
+        raise UserError(f"train and val folders have different classes: only in {train}: "
+                        f"{only_train or 'none'}, only in {val}: {only_val or 'none'}")
+    if len(train_set.classes) < 2:
+        raise UserError(f"{train} has {len(train_set.classes)} class folder; classification "
+                        "needs at least two")
+    return train_set, val_set

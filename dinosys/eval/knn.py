@@ -1,8 +1,9 @@
 """Weighted k-nearest-neighbour evaluation of frozen features (the DINO/DINOv2 kNN protocol).
 
-Features: the backbone's L2-normalised CLS token. Each validation image takes the ``k`` most
-similar training images (cosine similarity) and a vote ``exp(sim / T)`` per neighbour for that
-neighbour's class; the prediction is the class with the largest summed vote.
+Features: the backbone's L2-normalised class token (``encode_image`` for image-text models).
+Each validation image takes the ``k`` most similar training images (cosine similarity) and a
+vote ``exp(sim / T)`` per neighbour for that neighbour's class; the prediction is the class with
+the largest summed vote.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,27 +19,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinosys.errors import UserError
-from dinosys.eval.images import ImageSet, load_image_folder
-from dinosys.eval.models import load_eval_model, model_image_size, model_normalisation
+from dinosys.eval.features import default_image_feature, extract_features
+from dinosys.eval.images import ImageSet, load_class_folders
+from dinosys.eval.models import EvalModel, as_eval_model, frozen
+from dinosys.eval.registry import register_evaluator
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def extract_features(model: nn.Module, images: ImageSet, batch_size: int = 256,
-                     device: torch.device | str = "cpu", progress: str | None = None
-                     ) -> torch.Tensor:
-    """L2-normalised CLS features (n, D), fp32 on CPU, of every image of ``images`` (streamed)."""
-    from tqdm import tqdm
+@dataclass
+class KnnConfig:
+    """``dinosys eval knn``: weighted kNN on L2-normalised global features."""
 
-    feats = []
-    n_batches = -(-len(images) // batch_size)
-    for batch in tqdm(images.batches(batch_size), total=n_batches, desc=progress,
-                      disable=progress is None, leave=False):
-        out = model(batch.to(device, non_blocking=True))
-        cls = out["x_norm_clstoken"] if isinstance(out, dict) else out
-        feats.append(F.normalize(cls.float(), dim=-1).cpu())
-    return torch.cat(feats) if feats else torch.zeros(0, 0)
+    train: str = field(metadata={"help": "image folder DIR/<class>/<image>", "path": True})
+    val: str = field(metadata={"help": "image folder DIR/<class>/<image>", "path": True})
+    k: list[int] = field(default_factory=lambda: [10, 20],
+                         metadata={"help": "neighbour counts"})
+    temperature: float = field(default=0.07, metadata={"help": "vote temperature T"})
+    feature: str = field(default="auto", metadata={
+        "help": "feature kind: cls, image (encode_image), or auto (image for image-text "
+                "models, else cls)"})
+    batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
+
+    def validate(self) -> None:
+        """Positive neighbour counts and temperature."""
+        if not self.k or any(int(k) < 1 for k in self.k):
+            raise UserError(f"--k needs positive neighbour counts, got {list(self.k)}")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
 @torch.no_grad()
@@ -73,50 +84,64 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
     return result
 
 
+def knn_on_sets(model: EvalModel, train: ImageSet, val: ImageSet, cfg: KnnConfig,
+                progress: bool = True) -> dict:
+    """kNN accuracy of ``model`` on two loaded image sets with the same classes."""
+    module = model.module
+    kind = default_image_feature(module) if cfg.feature == "auto" else cfg.feature
+    with frozen(module):
+        feats = [F.normalize(extract_features(
+            module, images, [kind], cfg.batch_size, model.device,
+            f"knn {split} features" if progress else None)[kind], dim=-1)
+            for split, images in (("train", train), ("val", val))]
+    tf, vf = feats
+    result = knn_accuracy(tf, train.labels, vf, val.labels, len(train.classes), cfg.k,
+                          cfg.temperature)
+    metrics = {f"top1_k{k}": v for k, v in result["top1"].items()}
+    metrics.update({f"top5_k{k}": v for k, v in result.get("top5", {}).items()})
+    result.update(metrics=metrics, n_train=len(tf), n_val=len(vf),
+                  feature_dim=int(tf.shape[1]), feature=kind, temperature=cfg.temperature,
+                  ks=list(cfg.k))
+    return result
+
+
+@register_evaluator("knn", KnnConfig, help="weighted kNN on L2-normalised cls features",
+                    needs=("cls", "image"))
+def run(model: EvalModel, cfg: KnnConfig) -> dict:
+    """kNN evaluation of ``model`` on ``cfg.train`` / ``cfg.val`` (``DIR/<class>/<image>``)."""
+    t0 = time.perf_counter()
+    train, val = load_class_folders(model, cfg.train, cfg.val)
+    result = knn_on_sets(model, train, val, cfg)
+    result.update(model=model.name, train=str(cfg.train), val=str(cfg.val),
+                  image_size=model.image_size, seconds=round(time.perf_counter() - t0, 2))
+    log.info("kNN top-1 %s on %d val images", result["top1"], result["n_val"])
+    return result
+
+
 def knn_eval_module(model: nn.Module, train: ImageSet, val: ImageSet, ks: Sequence[int] = (10, 20),
                     temperature: float = 0.07, batch_size: int = 256,
                     device: torch.device | str = "cpu", progress: bool = False) -> dict:
-    """kNN accuracy of an in-memory backbone on two image sets (same class names)."""
+    """kNN accuracy of an in-memory backbone on two loaded image sets (same class names)."""
     if train.classes != val.classes:
         raise UserError(f"train and val folders have different classes: {train.classes} vs "
                         f"{val.classes}")
-    was_training = model.training
-    model.eval()
-    try:
-        tf = extract_features(model, train, batch_size, device,
-                              "knn train features" if progress else None)
-        vf = extract_features(model, val, batch_size, device,
-                              "knn val features" if progress else None)
-    finally:
-        model.train(was_training)
-    result = knn_accuracy(tf, train.labels, vf, val.labels, len(train.classes), ks, temperature)
-    result.update(n_train=len(tf), n_val=len(vf), feature_dim=int(tf.shape[1]),
-                  temperature=temperature, ks=list(ks))
-    return result
+    cfg = KnnConfig(train="", val="", k=list(ks), temperature=temperature,
+                    batch_size=batch_size)
+    cfg.validate()
+    eval_model = EvalModel(model, type(model).__name__, train.size, train.mean, train.std,
+                           torch.device(device))
+    return knn_on_sets(eval_model, train, val, cfg, progress)
 
 
 def run_knn(model: str | nn.Module, train: Path, val: Path, ks: Sequence[int] = (10, 20),
             temperature: float = 0.07, batch_size: int = 256) -> dict:
     """kNN evaluation of ``model`` (run dir, checkpoint, exported dir, ``random:ARCH[:size]`` for a
     randomly initialised baseline, or a module) on image folders ``DIR/<class>/<image>``."""
-    if not ks or any(int(k) < 1 for k in ks):
-        raise UserError(f"--k needs positive neighbour counts, got {list(ks)}")
-    if temperature <= 0:
-        raise UserError(f"--temperature must be > 0, got {temperature}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    t0 = time.perf_counter()
-    module = load_eval_model(model) if not isinstance(model, nn.Module) else model.eval()
-    size = model_image_size(module)
-    mean, std = model_normalisation(None if isinstance(model, nn.Module) else model)
-    train_set = load_image_folder(Path(train), size, mean, std)
-    val_set = load_image_folder(Path(val), size, mean, std)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    module.to(device)
-    result = knn_eval_module(module, train_set, val_set, ks, temperature, batch_size, device,
-                             progress=True)
-    result.update(model=str(model) if not isinstance(model, nn.Module) else type(model).__name__,
-                  train=str(train), val=str(val), image_size=size,
-                  seconds=round(time.perf_counter() - t0, 2))
-    log.info("kNN top-1 %s on %d val images", result["top1"], result["n_val"])
+    from dinosys.eval.registry import run_evaluator
+
+    cfg = KnnConfig(train=str(train), val=str(val), k=list(ks), temperature=temperature,
+                    batch_size=batch_size)
+    cfg.validate()
+    result = run_evaluator("knn", as_eval_model(model), cfg)
+    result.pop("config", None)
     return result

@@ -88,8 +88,8 @@ def test_run_knn_bad_inputs(small_mnist: tuple[Path, Path], tmp_path: Path) -> N
 def test_streamed_features_equal_preloaded(builtin_data: Path) -> None:
     """Large evaluation sets stream through DataLoader workers instead of living in memory; the
     features must be the same as from the preloaded tensor."""
+    from dinosys.eval.features import extract_features
     from dinosys.eval.images import load_image_folder
-    from dinosys.eval.knn import extract_features
     from dinosys.models import create_backbone
 
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def test_streamed_features_equal_preloaded(builtin_data: Path) -> None:
     streamed = load_image_folder(root, 16, preload_bytes=0)
     assert preloaded.images is not None and streamed.images is None
     assert torch.equal(preloaded.labels, streamed.labels)
-    a = extract_features(model, preloaded, batch_size=64)
-    b = extract_features(model, streamed, batch_size=64)
+    a = extract_features(model, preloaded, ["cls"], batch_size=64)["cls"]
+    b = extract_features(model, streamed, ["cls"], batch_size=64)["cls"]
     assert a.shape == (len(preloaded), model.embed_dim)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
