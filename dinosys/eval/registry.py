@@ -11,6 +11,8 @@ An evaluator is a module in ``dinosys/eval/`` that defines
   paths. Field metadata drives the command line: ``help`` (the option's help text), ``flag``
   (the option name when it is not ``--field-name``), ``path`` (True: the value is a file or
   folder that must exist; checked before anything runs, also on the submitting machine).
+  ``file_example`` (a file content the evaluator accepts, for generic tests of a ``path``
+  field that must be a file).
   ``list[int]``/``list[float]``/``list[str]`` fields take several values, ``bool`` fields are
   ``--x/--no-x``. A ``validate(self)`` method may raise :class:`dinosys.errors.UserError` for
   values no type can express (a negative k, an empty grid).
@@ -56,7 +58,7 @@ from typing import Any
 from dinosys.errors import UserError
 
 # modules whose import registers evaluators (imported on first use of the registry)
-EVALUATOR_MODULES = ("dinosys.eval.knn", "dinosys.eval.linear")
+EVALUATOR_MODULES = ("dinosys.eval.knn", "dinosys.eval.linear", "dinosys.eval.zeroshot")
 
 
 @dataclass(frozen=True)

@@ -107,11 +107,11 @@ def preprocess_cfg(mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
 
 
 def write_open_clip(model: CLIPModel, out_dir, mean: tuple[float, ...],  # type: ignore[no-untyped-def]
-                    std: tuple[float, ...]) -> dict:
+                    std: tuple[float, ...], verify: bool = True) -> dict:
     """Write ``out_dir/open_clip_config.json`` and the weights; UserError if not expressible.
 
-    Returns ``{"path": ..., "max_abs_diff": ...}`` where the difference is measured by loading
-    the folder back with open_clip when it is importable (None otherwise).
+    Returns ``{"path": ..., "max_abs_diff": ...}``; with ``verify`` the difference is measured
+    by loading the folder back with open_clip when it is importable (else None).
     """
     import json
     from pathlib import Path
@@ -129,7 +129,8 @@ def write_open_clip(model: CLIPModel, out_dir, mean: tuple[float, ...],  # type:
     state = {k: v.contiguous() for k, v in open_clip_state_dict(model).items()}
     save_file(state, str(out_dir / OPEN_CLIP_WEIGHTS))
     (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    return {"path": str(out_dir), "max_abs_diff": verify_open_clip(model, out_dir)}
+    diff = verify_open_clip(model, out_dir) if verify else None
+    return {"path": str(out_dir), "max_abs_diff": diff}
 
 
 def load_open_clip(folder):  # type: ignore[no-untyped-def]

@@ -187,6 +187,11 @@ class CLIPModel(nn.Module):
         return visual.locked if isinstance(visual, LockedImageTower) else visual.backbone
 
     @property
+    def image_size(self) -> int:
+        """The image size the image tower was trained at (its position-embedding grid)."""
+        return int(self.image_backbone.cfg.img_size)
+
+    @property
     def is_locked(self) -> bool:
         """Whether the image backbone is frozen (LiT)."""
         return isinstance(self.visual, LockedImageTower)

@@ -37,7 +37,11 @@ def test_reproducing_command_parses_back_to_the_same_config(name: str, tmp_path)
     evaluator = get_evaluator(name)
     values = {}
     for f in dataclasses.fields(evaluator.config):
-        if f.metadata.get("path"):
+        if "file_example" in f.metadata:  # a file with content the evaluator accepts
+            example = tmp_path / f"{f.name}.txt"
+            example.write_text(f.metadata["file_example"])
+            values[f.name] = str(example)
+        elif f.metadata.get("path"):
             values[f.name] = str(tmp_path)
     cfg = evaluator.make_config(**values)
     changed = {}
