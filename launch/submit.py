@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from dinosys.atomic import write_atomic  # noqa: E402
 from dinosys.errors import NotAvailableError, UserError  # noqa: E402
 from dinosys.names import check_name, check_script_value  # noqa: E402
+from launch.describe import describe, job_command, shown_run_dir, slurm_check_line  # noqa: E402
 from launch.jobs import JOB_KINDS, PreparedJob, prepare_jobs  # noqa: E402
 from launch.params import default_parts, sbatch_script, slurm_parameters, tasks_per_node  # noqa: E402
 from launch.task import Task  # noqa: E402
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true",
                    help="run here (no Slurm): the same tasks as local processes, in the foreground")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate and print the sbatch script(s); queue nothing")
+                   help="validate (config, flags, and Slurm and the partition when a cluster "
+                   "answers; says so when it skipped them), print the command, config, task "
+                   "layout, run directory and sbatch script(s); queue nothing")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p
 
@@ -153,19 +156,26 @@ def _submit_one(args: argparse.Namespace, job: PreparedJob, run_dir: str,
     return first, params
 
 
-def submit_slurm(args: argparse.Namespace, jobs: list[PreparedJob], argv: Sequence[str]) -> dict:
+def submit_slurm(args: argparse.Namespace, jobs: list[PreparedJob], argv: Sequence[str],
+                 job_args: Sequence[str] = ()) -> dict:
     """Check the cluster, submit the job(s) (each after the previous one succeeded, ``afterok``),
     write the submission record; returns a summary with the job ids and the run directory."""
     from launch import slurm
 
     template = run_dir_template(args, jobs[0])
     if args.dry_run:
+        parts = jobs[0].array_size or 1
+        for line in describe(args, jobs, job_args, template, parts):
+            print(line)
+        checks = slurm_check_line(args)
+        print(checks)
         for job in jobs:
             dependency = "afterok:<previous job>" if job is not jobs[0] else None
             params = slurm_parameters(args, job, dependency)
             print(f"# ---- {job.kind} {job.stage or ''}".rstrip())
             print(sbatch_script(params, Path(template) / "submitit", job.array_size), end="")
-        return {"dry_run": True, "run_dir": template}
+        return {"dry_run": True, "run_dir": shown_run_dir(template),
+                "slurm_checked": not checks.startswith("Slurm checks: SKIPPED")}
     for job in jobs:  # resource flags are checked before the cluster is asked anything
         slurm_parameters(args, job)
     partitions = slurm.check_slurm()
@@ -188,9 +198,12 @@ def submit_slurm(args: argparse.Namespace, jobs: list[PreparedJob], argv: Sequen
             "job_id": submitted[0]["job_id"], "max_requeues": args.max_requeues,
             "submitted_at": _now(), "slurm_conf": os.environ.get("SLURM_CONF")}
     write_submission_record(Path(run_dir), jobs[0], argv, info, sbatch)
-    for s in submitted:
-        print(f"submitted {jobs[0].kind} {s['stage']} job {s['job_id']}: "
+    for job, s in zip(jobs, submitted):
+        what = " ".join(dict.fromkeys((jobs[0].kind, s["stage"])))
+        print(f"submitted {what} job {s['job_id']}: "
               f"{s['array_size'] or 1} x {s['tasks']} task(s)", file=sys.stderr)
+        print(f"  command: {job_command(job, job_args, run_dir, job.array_size)}",
+              file=sys.stderr)
     print(f"run directory: {run_dir}", file=sys.stderr)
     return {"job_id": submitted[0]["job_id"], "job_ids": [s["job_id"] for s in submitted],
             "run_dir": run_dir, "tasks": submitted[0]["tasks"],
@@ -266,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "--local")
         parts = default_parts(args) if args.kind == "curate" else 1
         jobs = prepare_jobs(args.kind, job_args, parts=parts)
-        summary = run_local(args, jobs, record) if args.local else submit_slurm(args, jobs, record)
+        summary = (run_local(args, jobs, record) if args.local
+                   else submit_slurm(args, jobs, record, job_args))
     except (UserError, NotAvailableError) as exc:
         if args.debug:
             raise

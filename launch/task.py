@@ -179,6 +179,50 @@ class Task:
             watch.close()
         result.setdefault("rank", ctx.rank)
         if result.get("status") == "preempted" and self.handles_preemption:
-            if self.requeue(ctx):
+            requeued = self.requeue(ctx)
+            if requeued:
                 result["status"] = "requeued"
+            outcome = preemption_outcome(result, ctx, requeued, self.max_requeues)
+            if ctx.rank == 0:
+                log.warning("%s", outcome)
+            _reword_submitit_success(outcome)
         return result
+
+
+def preemption_outcome(result: dict[str, Any], ctx: TaskContext, requeued: bool,
+                       max_requeues: int) -> str:
+    """One line saying what happened to a preempted run: at which step, the checkpoint, and
+    whether (and as what) it was requeued."""
+    step = result.get("step")
+    where = f" at step {step}" if step is not None else ""
+    ckpt = result.get("checkpoint")
+    saved = f"checkpoint saved ({ckpt})" if ckpt else "checkpoint saved"
+    if requeued:
+        then = (f"requeued as Slurm job {ctx.job_id} (restart {ctx.restart_count + 1} of at most "
+                f"{max_requeues}); the rerun resumes from the checkpoint")
+    elif ctx.executor == "local":
+        then = "--local starts it again from the checkpoint"
+    else:
+        then = (f"not requeued (restart {ctx.restart_count} of at most {max_requeues}); "
+                f"resubmit with --out {ctx.run_dir} to resume")
+    return f"preempted{where}: {saved}; {then}"
+
+
+class _SuccessReword(logging.Filter):
+    """Rewrites submitit's closing "Job completed successfully" of a preempted task."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() == "Job completed successfully":
+            record.msg, record.args = f"job task ended: {self.outcome}", None
+        return True
+
+
+def _reword_submitit_success(outcome: str) -> None:
+    # submitit logs "Job completed successfully" whenever the callable returns, and a preempted
+    # run returns normally (its checkpoint is saved): that line cannot be avoided, only
+    # reworded, so the log does not claim a finished job
+    logging.getLogger("submitit").addFilter(_SuccessReword(outcome))

@@ -33,7 +33,7 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None  # None: no process group
-    launcher: str = "single"  # single, torchrun, slurm
+    launcher: str = "single"  # single, torchrun, slurm, submitit-local
 
     @property
     def is_distributed(self) -> bool:
@@ -79,17 +79,28 @@ def _int_env(name: str) -> int:
         raise UserError(f"environment variable {name}={value!r} is not an integer") from exc
 
 
+def _rank_variables_launcher() -> str:
+    """Who set RANK/WORLD_SIZE: torchrun (its agent sets TORCHELASTIC_RUN_ID), a submitit task
+    on Slurm (``slurm``) or on this machine (``submitit-local``); anything else is taken as
+    torchrun-style variables (``torchrun``)."""
+    executor = os.environ.get("SUBMITIT_EXECUTOR")
+    if "TORCHELASTIC_RUN_ID" not in os.environ and executor in ("slurm", "local"):
+        return "slurm" if executor == "slurm" else "submitit-local"
+    return "torchrun"
+
+
 def detect_layout() -> tuple[str, int, int, int]:
     """``(launcher, rank, world_size, local_rank)`` from torchrun or Slurm variables.
 
-    torchrun (and submitit's ``TorchDistributedEnvironment().export()``) set RANK/WORLD_SIZE;
+    torchrun (and submitit's ``TorchDistributedEnvironment().export()``, reported as ``slurm``
+    or ``submitit-local``) set RANK/WORLD_SIZE;
     a plain ``srun`` sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID. A Slurm allocation with one
     task (e.g. an interactive ``salloc`` shell) is a single process.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = _int_env("RANK"), _int_env("WORLD_SIZE")
         local = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
-        return "torchrun", rank, world, local
+        return _rank_variables_launcher(), rank, world, local
     if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         rank, world = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS")
         local = _int_env("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0

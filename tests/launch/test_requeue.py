@@ -56,3 +56,7 @@ def test_no_requeue_past_max_requeues(tmp_path) -> None:
     assert steps[-1]["step"] < 200 and {s["restart"] for s in steps} == {0}
     log = (out / "submitit" / f"{info['job_id']}_0_log.err").read_text()
     assert "not requeuing" in log
+    step = steps[-1]["step"]
+    assert (f"preempted at step {step}: checkpoint saved; not requeued (restart 0 of at most 0)"
+            in log)
+    assert "Job completed successfully" not in log and "job task ended: preempted" in log

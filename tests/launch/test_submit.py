@@ -23,6 +23,16 @@ def _submit(*argv: str, env: dict | None = None, cwd: Path = REPO) -> subprocess
                           timeout=120, env=env, cwd=cwd)
 
 
+def _without_slurm(tmp_path: Path) -> dict:
+    """An environment without the Slurm clients: the dry run skips the cluster checks (a
+    partition 'gpu' would be unknown to the local test cluster)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    env = {**os.environ, "PATH": str(bin_dir)}
+    env.pop("SLURM_CONF", None)
+    return env
+
+
 def _args(*argv: str):
     return build_parser().parse_args(list(argv))
 
@@ -40,7 +50,7 @@ def test_dry_run_maps_every_flag_to_sbatch(tiny_yaml, tmp_path) -> None:
                   "--constraint", "h100", "--exclude", "n[01-02]", "--comment", "dinov2 L",
                   "--mem-gb", "480", "--cpus-per-task", "12", "--signal-delay-s", "120",
                   "--name", "vitl", "--out", str(tmp_path / "run"), "--dry-run",
-                  "--", str(tiny_yaml), "optim.epochs=3")
+                  "--", str(tiny_yaml), "optim.epochs=3", env=_without_slurm(tmp_path))
     assert res.returncode == 0, res.stderr
     lines = set(res.stdout.splitlines())
     for flag in ("--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=8", "--partition=gpu",

@@ -69,3 +69,10 @@ def test_local_run_restarts_after_preemption_without_lost_or_repeated_steps(tmp_
     assert [s["restart"] for s in steps] == [0, 0, 0] + [1] * 5
     assert all(s["world_size"] == 2 for s in steps)
     assert (run / "submission" / "command.txt").is_file()
+    # the preempted run's log says what happened, not "Job completed successfully"
+    logs = [p.read_text() for p in sorted((run / "submitit").glob("*_0_log.err"))]
+    [first] = [text for text in logs if "preempted at step" in text]
+    assert "preempted at step 3: checkpoint saved; --local starts it again" in first
+    assert "job task ended: preempted at step 3" in first
+    assert "Job completed successfully" not in first
+    assert any("Job completed successfully" in text for text in logs)  # the finished rerun

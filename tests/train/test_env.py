@@ -16,7 +16,8 @@ from dinosys.distributed.env import (
 )
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
-               "SLURM_LOCALID", "SLURM_NODELIST", "SLURM_JOB_NODELIST")
+               "SLURM_LOCALID", "SLURM_NODELIST", "SLURM_JOB_NODELIST", "SUBMITIT_EXECUTOR",
+               "TORCHELASTIC_RUN_ID")
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +40,23 @@ def test_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_PROCID", "0")  # torchrun/submitit export wins over raw Slurm
     monkeypatch.setenv("SLURM_NTASKS", "2")
     assert detect_layout() == ("torchrun", 3, 8, 1)
+
+
+@pytest.mark.parametrize(("executor", "elastic", "launcher"), [
+    ("slurm", False, "slurm"), ("local", False, "submitit-local"), (None, True, "torchrun"),
+    ("slurm", True, "torchrun"),  # torchrun started inside a Slurm job: torchrun set RANK
+])
+def test_who_set_the_rank_variables_is_the_launcher(monkeypatch: pytest.MonkeyPatch,
+                                                    executor, elastic, launcher) -> None:
+    """A submitit task on Slurm exports RANK/WORLD_SIZE like torchrun; it is logged as slurm."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    if executor:
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", executor)
+    if elastic:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert detect_layout() == (launcher, 1, 2, 1)
 
 
 def test_slurm_variables(monkeypatch: pytest.MonkeyPatch) -> None:
