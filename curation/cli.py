@@ -1,6 +1,6 @@
 """`dinosys-curate`: run the whole curation pipeline or one stage.
 
-    dinosys-curate run CONFIG [--part i/n] [key=value ...]
+    dinosys-curate run CONFIG [--out DIR] [--part i/n] [key=value ...]
     dinosys-curate {ingest,embed,dedup,verify,cluster,retrieve,shard} CONFIG [--part i/n]
     dinosys-curate {ingest,embed,dedup,cluster,retrieve,shard} CONFIG --merge [N]
     dinosys-curate report CONFIG
@@ -43,7 +43,10 @@ def _load(args: argparse.Namespace):
     from curation.config import CurationConfig
     from dinosys.config import load_config
 
-    cfg = load_config(CurationConfig, args.config, args.overrides, kind="curation")
+    overrides = list(args.overrides)
+    if getattr(args, "out", None):
+        overrides.append(f"out={args.out}")
+    cfg = load_config(CurationConfig, args.config, overrides, kind="curation")
     if args.no_progress:
         cfg.progress = False
     return cfg
@@ -64,7 +67,11 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("--part and --merge: a process either runs a part or merges them")
     merge_arg = False if merge is None else (True if merge == 0 else merge)
     if stage == "run":
+        before = stage_markers(cfg)
         summary = pipeline.run_all(cfg, part or (0, 1))
+        summary.update(run_outcome(cfg, before, stage_markers(cfg)))
+        for line in outcome_lines(summary):
+            print(line)
     elif stage == "embed":
         summary = pipeline.stage_embed(cfg, part, args.max_chunks, merge_arg)
     else:
@@ -73,6 +80,48 @@ def _run(args: argparse.Namespace) -> int:
         summary = {"part": f"{part[0]}/{part[1]}", **summary}
     print_json({"stage": stage, **summary})
     return 0
+
+
+# the stage folders under the work directory, in pipeline order
+STAGE_DIRS = ("ingest", "embed", "embed_copy", "knn", "verify", "dedup", "cluster", "retrieve",
+              "shards", "report")
+
+
+def stage_markers(cfg) -> dict[str, tuple[int, str]]:
+    """Each finished stage's done-marker: (mtime, contents); a rewritten marker means the stage
+    ran again."""
+    from curation.work import work_dir
+
+    work = work_dir(cfg)
+    out = {}
+    for marker in sorted(work.glob("*/DONE.json")) if work.is_dir() else []:
+        out[marker.parent.name] = (marker.stat().st_mtime_ns, marker.read_text())
+    return out
+
+
+def run_outcome(cfg, before: dict, after: dict) -> dict:
+    """Where the outputs went and which stages were reused (marker untouched) or run."""
+    from curation.work import work_dir
+
+    order = {name: i for i, name in enumerate(STAGE_DIRS)}
+    names = sorted(after, key=lambda n: (order.get(n, len(order)), n))
+    shards = work_dir(cfg) / "shards"
+    return {"reused": [n for n in names if before.get(n) == after[n]],
+            "ran": [n for n in names if before.get(n) != after[n]],
+            "shards": str(shards), "manifest": str(shards / "manifest.parquet"),
+            "report_html": str(shards / "curation_report.html")}
+
+
+def outcome_lines(summary: dict) -> list[str]:
+    """The short summary `dinosys-curate run` prints before its JSON line."""
+    shard = summary.get("shard") if isinstance(summary.get("shard"), dict) else {}
+    count = (f" ({shard['shards']} shard(s), {shard['samples']} images)"
+             if "shards" in shard and "samples" in shard else "")
+    return [f"stages reused (inputs and config unchanged): {', '.join(summary['reused']) or '-'}",
+            f"stages run now: {', '.join(summary['ran']) or '-'}",
+            f"shards:   {summary['shards']}{count}",
+            f"manifest: {summary['manifest']}",
+            f"report:   {summary['report_html']}"]
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -116,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helps[name])
         p.add_argument("config", help="YAML path or a name under configs/curation/")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        p.add_argument("--out", help="work directory: stages, shards, manifest, report "
+                       "(default: the config's `out`; same as the override out=DIR)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name in ("run", *SPLIT):
             p.add_argument("--part", help="this process's part i/n of the stage's work "

@@ -1,6 +1,9 @@
-"""``curation_report.html`` with PNG plots (matplotlib Agg): counts per stage, copy-group sizes,
-the dedup threshold sweep with example pairs, cluster sizes before/after balancing, and the
-composition of the selection."""
+"""``curation_report.html``: tables (images per stage; the dedup decision: candidates, verified
+removals and the chosen threshold together; the threshold sweep, with recall and precision when
+a pool folder lists its planted copies in ``planted.json``; the selection by source and reason;
+each stage's summary) and PNG plots (matplotlib Agg): counts per stage, copy-group sizes, the
+sweep, example pairs big enough to see, verification examples, cluster sizes before/after
+balancing, the selection."""
 
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from curation import report_tables as tables  # noqa: E402
 from curation import verify  # noqa: E402
 from curation.ingest import read_item_bytes  # noqa: E402
 from curation.store import Stage, digest, load_table, save_json  # noqa: E402
-from curation.work import items, need, pool_table, work_dir  # noqa: E402
+from curation.work import dedup_embed_stage, items, need, pool_table, work_dir  # noqa: E402
 from dinosys.atomic import write_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -33,12 +37,16 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _thumb(cols: dict, pos: dict, item_id: int, size: int = 128) -> np.ndarray:
+def _thumb(cols: dict, pos: dict, item_id: int, size: int = 256) -> np.ndarray:
     p = pos[item_id]
     data = read_item_bytes(str(cols["path"][p]), str(cols["member"][p]), int(cols["offset"][p]),
                            int(cols["size"][p]))
     with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
+        if max(img.size) < size:  # small images are shown big enough to see (nearest: no blur)
+            scale = size / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                             Image.NEAREST)
         img.thumbnail((size, size))
         return np.asarray(img)
 
@@ -67,12 +75,17 @@ def plot_components(sizes: np.ndarray, out: Path) -> str:
     return _save(fig, out)
 
 
-def plot_sweep(sweep: list[dict], chosen: float, out: Path) -> str:
-    """Images removed as a function of the similarity threshold."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def plot_sweep(sweep: list[dict], chosen: float, out: Path,
+               removed_by_run: int | None = None) -> str:
+    """Images the embedding alone removes per similarity threshold, and what this run removed
+    at the chosen threshold (after geometric verification when it is on)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
     t = [r["threshold"] for r in sweep]
-    ax.plot(t, [r["removed"] for r in sweep], marker="o")
-    ax.axvline(chosen, color="tab:red", ls="--", label=f"threshold {chosen}")
+    ax.plot(t, [r["removed"] for r in sweep], marker="o", label="removed by the embedding alone")
+    ax.axvline(chosen, color="tab:red", ls="--", label=f"chosen threshold {chosen}")
+    if removed_by_run is not None:
+        ax.plot([chosen], [removed_by_run], marker="*", ms=14, color="tab:green", ls="none",
+                label=f"removed by this run: {removed_by_run}")
     ax.set_xlabel("cosine threshold")
     ax.set_ylabel("images removed as copies")
     ax.legend()
@@ -81,9 +94,10 @@ def plot_sweep(sweep: list[dict], chosen: float, out: Path) -> str:
 
 
 def plot_pairs(pairs: list[tuple[int, int, str]], cols: dict, title: str, out: Path) -> str:
-    """One row per ``(item id, item id, label)``: the two thumbnails side by side."""
+    """One row per ``(item id, item id, label)``: the two images side by side, big enough to
+    see, with the label written above the pair."""
     pos = {int(i): p for p, i in enumerate(cols["id"])}
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(4, 2 * len(pairs)), squeeze=False)
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(9, 4.4 * len(pairs)), squeeze=False)
     for (a, b), (i, j, label) in zip(axes, pairs):
         for ax, item in ((a, i), (b, j)):
             try:
@@ -92,14 +106,16 @@ def plot_pairs(pairs: list[tuple[int, int, str]], cols: dict, title: str, out: P
                 ax.text(0.5, 0.5, "unreadable", ha="center")
             ax.set_xticks([])
             ax.set_yticks([])
-        a.set_ylabel(label, fontsize=8)
-    fig.suptitle(title, fontsize=9)
+            ax.set_xlabel(f"item {int(item)}: {Path(str(cols['path'][pos[int(item)]])).name}",
+                          fontsize=10)
+        a.set_title(label, fontsize=12, loc="left")
+    log.debug("%s: %s", out.name, title)  # the report's caption says what the pairs are
     return _save(fig, out)
 
 
 def plot_examples(sweep: list[dict], cols: dict, out: Path) -> str | None:
     """For each threshold, the least similar pair still above it (what that threshold merges)."""
-    pairs = [(i, j, f"> {r['threshold']:.2f}\nsim {s:.3f}")
+    pairs = [(i, j, f"threshold {r['threshold']:.2f}: least similar pair above it, cos {s:.3f}")
              for r in sweep if r["example"] is not None for i, j, s in [r["example"]]]
     if not pairs:
         return None
@@ -119,7 +135,7 @@ def plot_verification(work: Path, cols: dict, out: Path, n: int = 4) -> str | No
              + [("confirmed", e) for e in confirmed[np.argsort(corr[confirmed])][:n]])
     if not picks:
         return None
-    pairs = [(int(ei[e]), int(ej[e]), f"{what}\ncos {sim[e]:.2f}\ncorr {corr[e]:.2f}")
+    pairs = [(int(ei[e]), int(ej[e]), f"{what}: cos {sim[e]:.2f}, correlation {corr[e]:.2f}")
              for what, e in picks]
     return plot_pairs(pairs, cols, "verification: most similar rejected, least correlated "
                       "confirmed", out)
@@ -140,19 +156,16 @@ def plot_clusters(before: np.ndarray, after: np.ndarray, out: Path) -> str:
 
 
 def plot_composition(sources: list[str], reasons: list[str], out: Path) -> str:
-    """Selected images by source and selection reason (stacked bars)."""
-    src_names = sorted(set(sources)) or ["(none)"]
-    why_names = sorted(set(reasons)) or ["(none)"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    left = np.zeros(len(src_names))
-    for why in why_names:
-        vals = np.array([sum(1 for s, r in zip(sources, reasons) if s == name and r == why)
-                         for name in src_names], dtype=float)
-        ax.barh(src_names, vals, left=left, label=why)
-        left += vals
+    """Selected images per source, one bar per (source, selection reason), count written on
+    each bar (the table beside it has the same numbers)."""
+    combos = sorted(set(zip(sources, reasons)))
+    counts = [sum(1 for s, r in zip(sources, reasons) if (s, r) == c) for c in combos]
+    labels = [f"{s} / {r}" for s, r in combos] or ["(nothing selected)"]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(labels) + 1.5))
+    bars = ax.barh(labels[::-1], (counts or [0])[::-1], color="tab:green")
+    ax.bar_label(bars, padding=3)
     ax.set_xlabel("selected images")
-    ax.legend(fontsize=8)
-    ax.set_title("selection by source and reason")
+    ax.set_title("selection by source / reason")
     return _save(fig, out)
 
 
@@ -184,10 +197,24 @@ def stage_report(cfg) -> dict:
         left -= int((first == code).sum())
         counts[label] = left
     counts["kept in shards"] = int((np.asarray(manifest["status"]) == "kept").sum())
+    dedup_summary = Stage(work, "dedup").summary()
+    removed_by_run = int(np.char.startswith(reasons, "near_duplicate").sum())
+    priority = _representative_priority(cfg, work)
+    alone = tables.embedding_only_removals(
+        work, sorted({r["threshold"] for r in sweep} | {cfg.dedup.threshold}), priority,
+        cfg.dedup.spill_edges)
+    quality, quality_rows = _planted_quality(cfg, manifest, alone)
+    if not any(abs(r["threshold"] - cfg.dedup.threshold) < 1e-9 for r in sweep):
+        # the chosen threshold gets its own sweep row, so candidates, embedding-only removals
+        # and this run's removals stand side by side
+        sweep = sorted([*sweep, {"threshold": cfg.dedup.threshold, "example": None,
+                                 "edges": dedup_summary.get("edges"),
+                                 "removed": len(alone[cfg.dedup.threshold])}],
+                       key=lambda r: r["threshold"])
     plots = {"counts": plot_counts(counts, out / "counts.png"),
              "components": plot_components(np.bincount(pool["dedup_group"]) if len(pool["id"])
                                            else np.zeros(0, int), out / "components.png"),
-             "sweep": plot_sweep(sweep, cfg.dedup.threshold, out / "sweep.png")}
+             "sweep": plot_sweep(sweep, cfg.dedup.threshold, out / "sweep.png", removed_by_run)}
     examples = plot_examples(sweep, cols, out / "sweep_examples.png")
     if examples:
         plots["examples"] = examples
@@ -200,43 +227,93 @@ def stage_report(cfg) -> dict:
     plots["clusters"] = plot_clusters(np.bincount(lab, minlength=n_c),
                                       np.bincount(lab[chosen], minlength=n_c), out / "clusters.png")
     kept = np.asarray(manifest["status"]) == "kept"
-    plots["composition"] = plot_composition(
-        np.asarray(manifest["source"])[kept].tolist(),
-        np.asarray(manifest["selection_reason"])[kept].tolist(), out / "composition.png")
+    kept_sources = np.asarray(manifest["source"])[kept].tolist()
+    kept_reasons = np.asarray(manifest["selection_reason"])[kept].tolist()
+    plots["composition"] = plot_composition(kept_sources, kept_reasons, out / "composition.png")
     summaries = {name: Stage(work, name).summary()
                  for name in ("ingest", "embed", "embed_copy", "dedup", "cluster", "retrieve",
                               "shards") if Stage(work, name).marker.is_file()}
-    _write_html(shard_dir / "curation_report.html", cfg, counts, summaries, sweep, plots)
-    summary = {"report": str(shard_dir / "curation_report.html"), "plots": sorted(plots.values())}
+    sections = {
+        "decision": tables.decision_html(cfg, dedup_summary, len(alone[cfg.dedup.threshold]),
+                                         removed_by_run, quality),
+        "sweep": tables.sweep_html(sweep, cfg.dedup.threshold, removed_by_run,
+                                   cfg.dedup.verify.enabled, quality_rows),
+        "composition": tables.composition_html(kept_sources, kept_reasons),
+        "summaries": tables.summaries_html(summaries)}
+    _write_html(shard_dir / "curation_report.html", cfg, counts, sections, plots)
+    summary = {"report": str(shard_dir / "curation_report.html"), "plots": sorted(plots.values()),
+               "removed_near_duplicates": removed_by_run}
+    if quality is not None:
+        summary["planted_quality"] = quality
     save_json(stage.dir / "summary.json", {"counts": counts, **summary})
     stage.mark_done(key, summary)
     return summary
 
 
-def _write_html(path: Path, cfg, counts: dict, summaries: dict, sweep: list, plots: dict) -> None:
+def _planted_quality(cfg, manifest: dict, alone: dict[float, set[int]]
+                     ) -> tuple[dict | None, dict[float, tuple[float, float]] | None]:
+    """Recall / precision of this run's near-duplicate removals and of the embedding threshold
+    alone at every sweep threshold, when a pool folder lists its planted copies."""
+    planted = tables.planted_copies(cfg.sources, manifest)
+    if planted is None:
+        return None, None
+    paths = np.asarray(manifest["path"], dtype=str)
+    reasons = np.asarray(manifest["reason"], dtype=str)
+    removed = set(paths[np.char.startswith(reasons, "near_duplicate")].tolist())
+    recall, precision = tables.recall_precision(removed, planted)
+    quality = {"planted": len(planted), "removed": len(removed), "recall": round(recall, 4),
+               "precision": round(precision, 4)}
+    path_of = dict(zip(np.asarray(manifest["id"]).tolist(), paths.tolist()))
+    rows = {t: tables.recall_precision({path_of[i] for i in ids}, planted)
+            for t, ids in alone.items()}
+    return quality, rows
+
+
+def _representative_priority(cfg, work: Path) -> np.ndarray | None:
+    """The dedup stage's representative priority (image area with ``representative:
+    largest``), so the embedding-only removals pick the same representatives."""
+    if cfg.dedup.representative != "largest":
+        return None
+    dec = load_table(work / dedup_embed_stage(cfg) / "decoded.parquet").to_pydict()
+    area = dict(zip(dec["id"], np.asarray(dec["width"]) * np.asarray(dec["height"])))
+    pool_ids = np.load(work / "knn" / "pool_ids.npy")
+    return np.array([area.get(int(i), 0) for i in pool_ids], dtype=np.float64)
+
+
+def _write_html(path: Path, cfg, counts: dict, sections: dict[str, str], plots: dict) -> None:
     esc = html.escape
-    rows = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in counts.items())
-    stages = "".join(f"<tr><td>{esc(k)}</td><td><code>{esc(json.dumps(v, sort_keys=True))}"
-                     f"</code></td></tr>" for k, v in summaries.items())
-    sw = "".join(f"<tr><td>{r['threshold']:.2f}</td><td>{r['edges']}</td><td>{r['removed']}</td>"
-                 f"</tr>" for r in sweep)
-    imgs = "".join(f'<h3>{esc(k)}</h3><img src="report/{esc(v)}" alt="{esc(k)}">'
+    rows = tables.table(["stage", "images"], [[k, v] for k, v in counts.items()])
+    captions = {"counts": "Images per stage", "components": "Copy-group sizes",
+                "sweep": "Threshold sweep",
+                "examples": "What each threshold merges: the least similar pair above it",
+                "verification": "Geometric verification: the most similar rejected pairs and "
+                "the least correlated confirmed ones", "clusters": "Cluster sizes",
+                "composition": "Selection by source and reason"}
+    imgs = "".join(f'<h3>{esc(captions.get(k, k))}</h3><img src="report/{esc(v)}" alt="{esc(k)}">'
                    for k, v in plots.items())
     copy = ("" if cfg.copy_embed is None else
             f"; copy model for dedup <code>{esc(cfg.copy_embed.model)}</code>")
     text = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>curation report: {esc(cfg.name)}</title>
-<style>body{{font-family:sans-serif;max-width:980px;margin:auto}}td{{padding:2px 8px}}
-img{{max-width:100%}}</style></head><body>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:auto}}
+td,th{{padding:3px 10px;text-align:left}}td{{font-variant-numeric:tabular-nums}}
+table{{border-collapse:collapse;margin-bottom:1em}}tr:nth-child(even){{background:#f3f3f3}}
+tr.chosen{{font-weight:bold;background:#ffe9b3}}img{{max-width:100%}}</style></head><body>
 <h1>Curation report: {esc(cfg.name)}</h1>
 <p>model <code>{esc(cfg.embed.model)}</code>, features {esc(cfg.embed.features)} x
 {cfg.embed.n_layers} layer(s){copy}; dedup threshold {cfg.dedup.threshold}, decontamination
 {cfg.dedup.decontam_threshold}, k={cfg.dedup.k}; geometric verification
 {"on" if cfg.dedup.verify.enabled else "off"}.</p>
-<h2>Images per stage</h2><table>{rows}</table>
-<h2>Threshold sweep</h2><table><tr><th>threshold</th><th>edges</th><th>removed</th></tr>{sw}</table>
+<h2>Images per stage</h2>{rows}
+<h2>Dedup: what the chosen threshold proposed and what was removed</h2>{sections["decision"]}
+<h2>Threshold sweep</h2>
+<p>"removed by the embedding alone": images that would leave as copies if every pair above the
+threshold were merged. The highlighted row is the chosen threshold; its last column is what this
+run removed{" after geometric verification" if cfg.dedup.verify.enabled else ""}.</p>
+{sections["sweep"]}
+<h2>Selection by source and reason</h2>{sections["composition"]}
 <h2>Plots</h2>{imgs}
-<h2>Stage summaries</h2><table>{stages}</table>
+<h2>Stage summaries</h2>{sections["summaries"]}
 </body></html>
 """
     write_atomic(path, text)
