@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model: safetensors + config (+ timm, hf, onnx)")
     p.add_argument("--model", required=True, help="run directory or checkpoint")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", default="native", help="comma list of native,timm,hf,onnx")
+    p.add_argument("--format", default="native",
+                   help="comma list of formats, from native,timm,hf,onnx; native (safetensors + "
+                   "config.json + model card) is always written, the others go to OUT/timm/, "
+                   "OUT/hf/, OUT/onnx/ (default: native)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="the main job on the embedded data: build, train, evaluate")

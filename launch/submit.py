@@ -53,36 +53,47 @@ def build_parser() -> argparse.ArgumentParser:
         "The job's CONFIG and key=value overrides follow `--`.",
     )
     p.add_argument("kind", choices=JOB_KINDS, help="what to run")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (sbatch --nodes)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (sbatch --nodes; default: 1)")
     p.add_argument("--gpus-per-node", type=int, default=0,
-                   help="GPUs per node; one task per GPU (0: CPU-only, see --tasks-per-node)")
+                   help="GPUs per node; one task per GPU (default: 0, CPU-only: see "
+                   "--tasks-per-node)")
     p.add_argument("--tasks-per-node", type=int, default=None,
-                   help="tasks per node on CPU-only partitions (default 1; must equal "
+                   help="tasks per node on CPU-only partitions (default: 1; must equal "
                    "--gpus-per-node when that is > 0)")
     p.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
-    p.add_argument("--timeout-min", type=int, default=60, help="time limit in minutes (--time)")
-    p.add_argument("--account", help="sbatch --account")
-    p.add_argument("--qos", help="sbatch --qos")
-    p.add_argument("--constraint", help="sbatch --constraint (node features, e.g. h100)")
-    p.add_argument("--exclude", help="sbatch --exclude (nodes to avoid)")
-    p.add_argument("--comment", help="sbatch --comment")
-    p.add_argument("--mem-gb", type=float, help="memory per node in GB (sbatch --mem)")
-    p.add_argument("--cpus-per-task", type=int, help="CPUs per task (data-loading workers + 1)")
+    p.add_argument("--timeout-min", type=int, default=60,
+                   help="time limit in minutes (sbatch --time; default: 60)")
+    p.add_argument("--account", help="sbatch --account (default: none, Slurm's)")
+    p.add_argument("--qos", help="sbatch --qos (default: none, Slurm's)")
+    p.add_argument("--constraint", help="sbatch --constraint, node features, e.g. h100 "
+                   "(default: none)")
+    p.add_argument("--exclude", help="sbatch --exclude, nodes to avoid (default: none)")
+    p.add_argument("--comment", help="sbatch --comment (default: none)")
+    p.add_argument("--mem-gb", type=float,
+                   help="memory per node in GB (sbatch --mem; default: Slurm's)")
+    p.add_argument("--cpus-per-task", type=int,
+                   help="CPUs per task, data-loading workers + 1 (default: Slurm's, 1)")
     p.add_argument("--max-requeues", type=int, default=3,
-                   help="how often a preempted/timed-out job requeues itself (SLURM_RESTART_COUNT)")
+                   help="how often a preempted/timed-out job requeues itself, compared with "
+                   "SLURM_RESTART_COUNT (default: 3)")
     p.add_argument("--signal-delay-s", type=int, default=SIGNAL_DELAY_S,
-                   help="USR2 this many seconds before the time limit (--signal=USR2@S)")
+                   help=f"USR2 this many seconds before the time limit (--signal=USR2@S; "
+                   f"default: {SIGNAL_DELAY_S})")
     p.add_argument("--parts", type=int, default=None,
-                   help="curate: tasks of every stage's Slurm array (default: nodes x tasks)")
-    p.add_argument("--name", help="job name (default: the config's name)")
-    p.add_argument("--out", help="run directory (default: runs/<name>-<jobid>)")
+                   help="curate: tasks of every stage's Slurm array (default: nodes x tasks "
+                   "per node)")
+    p.add_argument("--name", help="job name (default: dinosys-<kind>-<config name>)")
+    p.add_argument("--out", help="run directory (default: runs/<name>-<job id>, name: --name "
+                   "or the config's name; --local: runs/<name>-local-<time>)")
     p.add_argument("--local", action="store_true",
-                   help="run here (no Slurm): the same tasks as local processes, in the foreground")
+                   help="run here (no Slurm): the same tasks as local processes, in the "
+                   "foreground (default: off, submit to Slurm)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate (config, flags, and Slurm and the partition when a cluster "
                    "answers; says so when it skipped them), print the command, config, task "
-                   "layout, run directory and sbatch script(s); queue nothing")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+                   "layout, run directory and sbatch script(s); queue nothing (default: off)")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks for errors (default: off, one line)")
     return p
 
 

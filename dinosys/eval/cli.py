@@ -66,7 +66,9 @@ def add_evaluator_parser(sub: Any, evaluator: Evaluator) -> argparse.ArgumentPar
     """``dinosys eval NAME``: --model, --out and one option per config field."""
     p = sub.add_parser(evaluator.name, help=evaluator.help, description=evaluator.help)
     p.add_argument("--model", required=True,
-                   help="run directory, checkpoint, exported model or random:ARCH[:SIZE]")
+                   help="run directory, checkpoint or exported model; random:RUN (that "
+                   "model's architecture, fresh weights, seed 0) or random:ARCH[:IMG_SIZE] "
+                   "(e.g. random:vits14:224) for a random-init baseline")
     p.add_argument("--out", help="also write the JSON result to this file")
     hints = typing.get_type_hints(evaluator.config)
     for f in dataclasses.fields(evaluator.config):
