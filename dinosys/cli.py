@@ -19,7 +19,6 @@ from dinosys.names import check_name
 
 NOT_YET = {
     "clip": "CLIP image-text training is not built yet (planned after the SSL trainer)",
-    "distill": "distillation is not built yet (planned after the SSL trainer)",
 }
 
 
@@ -57,6 +56,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.out) if args.out else default_run_dir(cfg.name)
     summary = run_train(cfg, run_dir)
     if rank == 0:  # one summary per job, not one per rank
+        print_json(summary)
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from dinosys.config import load_config
+    from dinosys.distill.config import DistillConfig
+
+    cfg = load_config(DistillConfig, args.config, args.overrides, kind="distill")
+    from dinosys.distill.run import check_config, run_distill
+    from dinosys.distributed.env import detect_layout
+
+    check_config(cfg)
+    _, rank, world_size, _ = detect_layout()
+    if world_size > 1 and not args.out:
+        raise UserError("a multi-rank run needs --out RUN: every rank must write to the same "
+                        "run directory (a default name differs between ranks)")
+    run_dir = Path(args.out) if args.out else default_run_dir(cfg.name)
+    summary = run_distill(cfg, run_dir)
+    if rank == 0:
         print_json(summary)
     return 0
 
@@ -125,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_not_yet("clip"))
 
-    p = sub.add_parser("distill", help="teacher -> student distillation (not built yet)")
+    p = sub.add_parser("distill", help="frozen teacher -> student(s), one teacher forward")
     _add_config_args(p)
-    p.set_defaults(func=_not_yet("distill"))
+    p.set_defaults(func=_cmd_distill)
 
     # `dinosys eval NAME ...`: parsed by dinosys.eval.cli from the evaluator registry (imported
     # only for this command; `dinosys eval --help` lists the evaluators)

@@ -71,6 +71,14 @@ def run_train_work(cfg: object, ctx: TaskContext) -> dict:
     return dict(summary)
 
 
+def run_distill_work(cfg: object, ctx: TaskContext) -> dict:
+    """A task of a distillation job: ``dinosys.distill.run.run_distill`` on the resolved config
+    (the training loop's preemption protocol: collective checkpoint, then "preempted")."""
+    from dinosys.distill.run import run_distill
+
+    return dict(run_distill(cfg, ctx.run_dir))  # type: ignore[arg-type]
+
+
 def run_cli_work(argv: list[str], config_yaml: str | None, ctx: TaskContext) -> dict:
     """A task that runs a ``dinosys`` subcommand in-process (a resolved config is written to
     ``RUN/submission/config.yaml`` and passed as CONFIG). Raises when it fails."""
@@ -132,6 +140,17 @@ def _prepare_train(config: str, overrides: list[str]) -> PreparedJob:
 
     cfg = load_config(TrainConfig, config, overrides, kind="train")
     return PreparedJob(kind="train", name=cfg.name, work=functools.partial(run_train_work, cfg),
+                       resolved_config=to_yaml(cfg), distributed=True, handles_preemption=True)
+
+
+def _prepare_distill(config: str, overrides: list[str]) -> PreparedJob:
+    from dinosys.distill.config import DistillConfig
+    from dinosys.distill.run import check_config
+
+    cfg = load_config(DistillConfig, config, overrides, kind="distill")
+    check_config(cfg)
+    return PreparedJob(kind="distill", name=cfg.name,
+                       work=functools.partial(run_distill_work, cfg),
                        resolved_config=to_yaml(cfg), distributed=True, handles_preemption=True)
 
 
@@ -203,7 +222,9 @@ def prepare_jobs(kind: str, job_args: Sequence[str], parts: int = 1) -> list[Pre
     ``parts``: how many tasks each array of a curation runs."""
     if kind == "train":
         return [_prepare_train(*split_config_args(job_args, kind))]
-    if kind in ("clip", "distill"):
+    if kind == "distill":
+        return [_prepare_distill(*split_config_args(job_args, kind))]
+    if kind == "clip":
         return [_prepare_config_cli(kind, *split_config_args(job_args, kind))]
     if kind == "eval":
         return [_prepare_eval(list(job_args))]

@@ -1,2 +1,3 @@
 """Knowledge distillation: a frozen teacher (``teacher``), students on rank subgroups
-(``ranks``); the training task is ``dinosys.train.tasks.distill``."""
+(``ranks``), one student's objective (``student``), the training task (``task``) and
+``dinosys distill`` (``run``)."""

@@ -40,9 +40,10 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    """One student: architecture, heads, its ranks and its own optimisation knobs.
+    """One student: architecture, heads, its ranks and its own lr and layer-wise decay.
 
-    ``None`` knobs take the job-wide ``optim.*`` value. Heads get the teacher's prototype
+    ``None`` knobs take the job-wide ``optim.*`` value (clipping, schedules and the EMA
+    momentum are job-wide). Heads get the teacher's prototype
     counts (the targets' width) whatever ``heads.n_prototypes`` says.
     """
 
@@ -50,10 +51,8 @@ class StudentConfig:
     model: BackboneConfig = field(default_factory=BackboneConfig)
     heads: HeadConfig = field(default_factory=HeadConfig)
     ranks: list[int] | None = None  # [first, last] ranks (inclusive); None: every rank, in turn
-    base_lr: float | None = None
-    layerwise_decay: float | None = None
-    clip_grad: float | None = None
-    ema_momentum: float | None = None  # start of the cosine EMA schedule (-> final_momentum)
+    base_lr: float | None = None  # this student's peak lr before batch scaling
+    layerwise_decay: float | None = None  # over this student's own depth
 
     def __post_init__(self) -> None:
         if self.name is not MISSING and (not self.name or not self.name.replace("_", "").isalnum()):

@@ -84,3 +84,16 @@ def test_teacher_sharded_over_world_outputs_reach_each_subgroup(tmp_path: Path, 
         chunks = [r["chunk"] for r in results if r["student"] == name]
         assert sorted(chunks) == [[k * 12 // (last - first + 1), (k + 1) * 12 // (last - first + 1)]
                                   for k in range(last - first + 1)]
+
+
+def test_the_gpu_recipe_ranges_cover_48_ranks_and_split_the_batch() -> None:
+    from dinosys.config import load_config
+    from dinosys.distill.config import DistillConfig
+
+    cfg = load_config(DistillConfig, "vitg14_to_s_b_l", kind="distill")
+    world = 48
+    layout = RankLayout(parse_rank_ranges({s.name: s.ranks for s in cfg.students}, world),
+                        world, 0)
+    g = cfg.data.batch_size_per_gpu * world
+    assert {n: layout.images_per_rank(n, g) for n in layout.ranges} == {
+        "vits14": 160, "vitb14": 80, "vitl14": 32}

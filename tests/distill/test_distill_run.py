@@ -1,0 +1,158 @@
+"""`dinosys distill` end to end: 2 students on 4 gloo ranks == the same students in turn in one
+process; kill -9 and exact resume at the same and another world size; checkpoints without the
+teacher; exports with a model card naming the teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinosys.distributed.sharded_checkpoint import CheckpointManager, load_backbone_state
+
+REPO = Path(__file__).resolve().parents[2]
+KILLER = REPO / "tests" / "distributed" / "train_until_killed.py"
+STEPS = 6
+TIMING = {"images_per_s", "data_wait_frac", "tflops_per_s", "mfu", "peak_mem_gib"}
+STUDENT = ("{{name: {name}, {ranks}model: {{arch: vit_tiny, img_size: 28, patch_size: 14, "
+           "embed_dim: {width}, depth: {depth}, num_heads: 2, layerscale_init: null}}, "
+           "heads: {{hidden_dim: 32, bottleneck_dim: 16}}}}")
+
+
+def students(ranks: dict[str, tuple[int, int]] | None = None) -> str:
+    """Two students: 's' (24 wide, 1 block) and 'b' (32 wide, 2 blocks), optional rank ranges."""
+    parts = []
+    for name, width, depth in (("s", 24, 1), ("b", 32, 2)):
+        r = f"ranks: [{ranks[name][0]}, {ranks[name][1]}], " if ranks else ""
+        parts.append(STUDENT.format(name=name, ranks=r, width=width, depth=depth))
+    return "students=[" + ", ".join(parts) + "]"
+
+
+def distill(run: Path, teacher: Path, data: Path, nproc: int, per_rank: int,
+            ranks: dict[str, tuple[int, int]] | None, *extra: str,
+            script: list[str] | None = None) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []),
+           *(script or ["-m", "dinosys.cli"]), "distill", "mnist_demo_cpu", "--out", str(run),
+           f"teacher.path={teacher}", students(ranks), f"max_steps={STEPS}",
+           f"data.batch_size_per_gpu={per_rank}", "data.num_workers=0",
+           f"data.sources=[{{path: {data / 'mnist' / 'train'}}}]", "checkpoint.every_n_steps=3",
+           "checkpoint.keep_last=5", "log.every_n_steps=1", "log.progress=false",
+           "optim.iters_per_epoch=2", "optim.warmup_epochs=1", "export_formats=[native]",
+           "eval.knn_train=null", "eval.knn_val=null", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+
+
+def ok(res: subprocess.CompletedProcess) -> dict:
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def metrics(run: Path) -> dict[int, dict[str, float]]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = {k: v for k, v in rec.items()
+                            if k not in TIMING and isinstance(v, (int, float))}
+    return out
+
+
+def assert_same_run(ref: Path, got: Path, tol: float = 1e-5) -> None:
+    """Per-student losses / grad norms each step, and final students + EMAs + centres."""
+    a, b = metrics(ref), metrics(got)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        keys = [k for k in a[step] if k.startswith(("s/", "b/", "grad_norm/"))]
+        assert len(keys) >= 8
+        for key in keys:
+            assert math.isclose(b[step][key], a[step][key], rel_tol=tol, abs_tol=tol), \
+                f"step {step} {key}: {b[step][key]} != {a[step][key]}"
+    final = f"checkpoints/step_{STEPS:08d}"
+    for prefix in ("student_s", "student_b", "ema_s", "ema_b"):
+        x, y = load_backbone_state(ref / final, prefix), load_backbone_state(got / final, prefix)
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(y[key], x[key], rtol=1e-4, atol=1e-5,
+                                       msg=f"{prefix}.{key}")
+
+
+@pytest.fixture(scope="module")
+def reference(teacher_run: Path, builtin_data: Path, tmp_path_factory) -> Path:
+    """Both students in turn in one process on the global batch of 8, exported in all formats."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    mnist = builtin_data / "mnist"
+    summary = ok(distill(run, teacher_run, builtin_data, 1, 8, None,
+                         "export_formats=[native,timm,hf,onnx]",
+                         f"eval.knn_train={mnist / 'train'}", f"eval.knn_val={mnist / 'val'}"))
+    assert summary["status"] == "finished" and summary["mode"] == "heads"
+    return run
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_students_on_rank_subgroups_equal_students_in_turn(reference: Path, teacher_run: Path,
+                                                           builtin_data: Path,
+                                                           tmp_path: Path) -> None:
+    run = tmp_path / "four"
+    ok(distill(run, teacher_run, builtin_data, 4, 2, {"s": (0, 1), "b": (2, 3)}))
+    assert_same_run(reference, run)
+    # the steps really trained (so equality is not trivially of untouched weights)
+    first = load_backbone_state(run / "checkpoints" / "step_00000003", "student_b")
+    last = load_backbone_state(run / "checkpoints" / f"step_{STEPS:08d}", "student_b")
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # five multi-rank runs: ~15 min on 2 heavily shared cores
+def test_kill_9_then_exact_resume_at_same_and_other_world_size(reference: Path,
+                                                                teacher_run: Path,
+                                                                builtin_data: Path,
+                                                                tmp_path: Path) -> None:
+    killed = tmp_path / "killed"
+    res = distill(killed, teacher_run, builtin_data, 4, 2, {"s": (0, 1), "b": (2, 3)},
+                  script=[str(KILLER), "3"])
+    assert res.returncode != 0, "the run should have been killed at step 3"
+    assert [s for s, _ in CheckpointManager(killed / "checkpoints").committed()] == [3]
+    other = tmp_path / "other"
+    shutil.copytree(killed, other)
+    ok(distill(killed, teacher_run, builtin_data, 4, 2, {"s": (0, 1), "b": (2, 3)}))
+    assert_same_run(reference, killed)
+    # 2 ranks now (one per student, batch 4 each): DCP reshards, the loader re-splits
+    ok(distill(other, teacher_run, builtin_data, 2, 4, {"s": (0, 0), "b": (1, 1)}))
+    assert_same_run(reference, other)
+
+
+def test_checkpoint_and_exports(reference: Path, teacher_run: Path) -> None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from dinosys.distill.teacher import load_teacher
+    from dinosys.distributed.sharded_checkpoint import resolve_checkpoint
+
+    meta = FileSystemReader(str(resolve_checkpoint(reference))).read_metadata()
+    tops = {k.split(".")[0] for k in meta.state_dict_metadata}
+    assert {"student_s", "student_b", "ema_s", "ema_b", "optim"} <= tops
+    assert not any("teacher" in k for k in meta.state_dict_metadata)
+    sha = load_teacher(teacher_run).fingerprint
+    import dinosys.export
+
+    for name in ("s", "b"):
+        out = reference / "export" / name
+        for sub in ("model.safetensors", "timm/model.safetensors", "hf/config.json",
+                    "onnx/model.onnx"):
+            assert (out / sub).is_file(), sub
+        card = (out / "README.md").read_text()
+        assert sha in card and str(teacher_run) in card and "knn_top1_k10" in card
+        assert "mnist" in card and "heads" in card
+        model = dinosys.export.load(out)
+        ema = load_backbone_state(reference / "checkpoints" / f"step_{STEPS:08d}", f"ema_{name}")
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, ema[key])
