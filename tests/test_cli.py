@@ -74,10 +74,13 @@ def test_console_script_is_installed() -> None:
 
 @pytest.mark.parametrize("args", [
     ("clip", "x"),
-    ("distill", "x", "optim.base_lr=1"),
 ])
 def test_not_built_yet_exits_three(args: tuple[str, ...]) -> None:
     assert_one_line_error(dinosys(*args), 3, "not built yet")
+
+
+def test_distill_bad_config_exits_two() -> None:
+    assert_one_line_error(dinosys("distill", "mnist_demo_cpu", "loss.mode=bogus"), 2, "loss.mode")
 
 
 @pytest.fixture
