@@ -58,7 +58,8 @@ from typing import Any
 from dinosys.errors import UserError
 
 # modules whose import registers evaluators (imported on first use of the registry)
-EVALUATOR_MODULES = ("dinosys.eval.knn", "dinosys.eval.linear", "dinosys.eval.zeroshot")
+EVALUATOR_MODULES = ("dinosys.eval.knn", "dinosys.eval.linear", "dinosys.eval.zeroshot",
+                     "dinosys.eval.suite")
 
 
 @dataclass(frozen=True)
