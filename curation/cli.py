@@ -125,10 +125,12 @@ def outcome_lines(summary: dict) -> list[str]:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from curation.plan import plan
+    from curation.plan import format_plan, plan
     from dinosys.cli import print_json
 
-    print_json(plan(args.images, args.gpus, args.backbone, args.cores_per_gpu, args.rates))
+    result = plan(args.images, args.gpus, args.backbone, args.cores_per_gpu, args.rates)
+    print(format_plan(result))
+    print_json(result)
     return 0
 
 

@@ -12,9 +12,9 @@ components, on blocks of the memory-mapped edge list when large) and decontamina
 
 from __future__ import annotations
 
-import io
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -29,13 +29,23 @@ from curation.parts import (
     Part,
     check_parts,
     complete_split,
+    cpu_seconds,
     merge_once,
     parts_dir,
     peak_rss_gib,
     split_stage,
 )
 from curation.shared_index import RowReader, build, open_index, search_slice
-from curation.store import Stage, digest, load_npy, load_table, save_json, save_npy, save_table
+from curation.store import (
+    NpyWriter,
+    Stage,
+    digest,
+    load_npy,
+    load_table,
+    save_json,
+    save_npy,
+    save_table,
+)
 from curation.work import dedup_embed_stage, embed_stages, items, need, work_dir
 from dinosys.config import to_dict
 from dinosys.errors import UserError
@@ -82,9 +92,10 @@ def _index(cfg: CurationConfig, key: str, reader: RowReader):
     stage = Stage(work_dir(cfg) / "knn", f"index-{key}")
 
     def make() -> dict:
-        t0 = time.time()
+        t0, c0 = time.time(), cpu_seconds()
         idx = build(reader, cfg.index, stage.dir, cfg.seed)
         summary = {"kind": idx.kind, "id": idx.id, "seconds": round(time.time() - t0, 2),
+                   "cpu_seconds": round(cpu_seconds() - c0, 2),
                    "peak_rss_gib": round(peak_rss_gib(), 3)}
         stage.mark_done(key, summary)
         return summary
@@ -104,6 +115,7 @@ def _knn_part(cfg: CurationConfig, key: str, i: int, n: int) -> dict:
     ev = _reader(cfg, eval_rows).read(0, len(eval_rows)) if len(eval_rows) else None
     low = _low(cfg)
     out_i, out_j, out_s = [], [], []
+    c0 = cpu_seconds()
     eval_sim = np.full(hi - lo, -np.inf, dtype=np.float32)
     eval_id = np.full(hi - lo, -1, dtype=np.int64)
     t0 = time.time()
@@ -125,28 +137,19 @@ def _knn_part(cfg: CurationConfig, key: str, i: int, n: int) -> dict:
                       ("eval_sim", eval_sim), ("eval_id", eval_id)):
         save_npy(part.file(f"{name}.npy"), arr)
     return {"queries": hi - lo, "edges": len(edges), "index": index.kind,
-            "search_seconds": round(time.time() - t0, 2)}
+            "search_seconds": round(time.time() - t0, 2),
+            "search_cpu_seconds": round(cpu_seconds() - c0, 2)}
 
 
-def _write_npy_stream(path, dtype, blocks) -> int:
-    """Write 1-d ``blocks`` one after the other as one ``.npy`` (atomic); returns its length."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    n = 0
-    with open(tmp, "wb") as fh:
-        fh.write(b"\0" * 128)  # the header, rewritten with the final length below
-        for blk in blocks:
-            fh.write(np.ascontiguousarray(blk, dtype=dtype).tobytes())
-            n += len(blk)
-        head = io.BytesIO()
-        np.lib.format.write_array_header_1_0(
-            head, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n,)})
-        if len(head.getvalue()) != 128:
-            raise RuntimeError("unexpected .npy header size")
-        fh.seek(0)
-        fh.write(head.getvalue())
-    os.replace(tmp, path)
+def _write_npy_stream(path, dtype, blocks: list) -> int:
+    """Write the 1-d arrays ``blocks`` (loaded one at a time) as one ``.npy``; its length."""
+    arrays = list(blocks)
+    n = sum(int(load_npy(p, mmap=True).shape[0]) if isinstance(p, Path) else len(p)
+            for p in arrays)
+    out = NpyWriter(path, (n,), dtype)
+    for p in arrays:
+        out.write(load_npy(p) if isinstance(p, Path) else p)
+    out.close()
     return n
 
 
@@ -181,8 +184,7 @@ def _merge_edges(cfg: CurationConfig, n: int, n_pool: int, out) -> int:
             tmp_blocks[name].append(blk_path)
         count += len(e)
     for name, dtype in (("i", np.int64), ("j", np.int64), ("sim", np.float32)):
-        _write_npy_stream(out / f"edges_{name}.npy", dtype,
-                          (load_npy(p) for p in tmp_blocks[name]))
+        _write_npy_stream(out / f"edges_{name}.npy", dtype, tmp_blocks[name])
         for p in tmp_blocks[name]:
             p.unlink()
     return count
@@ -194,8 +196,7 @@ def _knn_merge(cfg: CurationConfig, key: str, n: int) -> dict:
     count = _merge_edges(cfg, n, len(pool_ids), stage.dir)
     for name in ("eval_sim", "eval_id"):
         _write_npy_stream(stage.dir / f"{name}.npy", np.float32 if name == "eval_sim" else
-                          np.int64, (load_npy(Part(stage, p, n).file(f"{name}.npy"))
-                                     for p in range(n)))
+                          np.int64, [Part(stage, p, n).file(f"{name}.npy") for p in range(n)])
     save_npy(stage.dir / "pool_ids.npy", pool_ids)
     summary = {"pool": len(pool_ids), "edges": count, "parts": n,
                "merge_peak_rss_gib": round(peak_rss_gib(), 3)}

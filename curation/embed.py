@@ -22,7 +22,7 @@ from tqdm import tqdm
 from curation.backbone import FeatureModel, extract
 from curation.config import EmbedConfig
 from curation.ingest import read_item_bytes
-from curation.store import load_npy, save_json, save_npy
+from curation.store import NpyWriter, load_npy, save_json, save_npy
 from dinosys.data.decode import decode_image
 from dinosys.eval.images import preprocess
 
@@ -142,8 +142,8 @@ def _write_chunk(out: Path, c: int, acc: dict[str, list]) -> None:
 
 
 def merge_chunks(out: Path, n_total: int, emb_path: Path) -> dict:
-    """Concatenate all chunks (in order) into ``emb_path`` (an fp16 ``.npy`` written through a
-    memory map chunk by chunk, then renamed into place) and the ids/sizes/failure arrays.
+    """Concatenate all chunks (in order) into ``emb_path`` (an fp16 ``.npy`` written chunk by
+    chunk, then renamed into place) and the ids/sizes/failure arrays.
 
     Rows that failed to decode are dropped from the embeddings and ids and listed in
     ``failed_ids`` with their reasons.
@@ -164,16 +164,10 @@ def merge_chunks(out: Path, n_total: int, emb_path: Path) -> dict:
         reasons.extend(bad.values())
         dim = dim or int(load_npy(emb_file, mmap=True).shape[1])
     n_rows = int(sum(k.sum() for k in keeps))
-    tmp = emb_path.with_name(f".{emb_path.name}.tmp-{os.getpid()}")
-    dest = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n_rows, dim))
-    row = 0
+    dest = NpyWriter(emb_path, (n_rows, dim), np.float16)
     for c in range(n_total):
-        block = load_npy(chunk_paths(out, c)[0])[keeps[c]]
-        dest[row: row + len(block)] = block
-        dest.flush()
-        row += len(block)
-    del dest
-    os.replace(tmp, emb_path)
+        dest.write(load_npy(chunk_paths(out, c)[0])[keeps[c]])
+    dest.close()
     return {"ids": np.concatenate(ids), "dim": dim,
             "width": np.concatenate(widths), "height": np.concatenate(heights),
             "failed_ids": np.asarray(failed, dtype=np.int64), "failed_reasons": reasons}

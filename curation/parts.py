@@ -37,6 +37,12 @@ HEARTBEAT_S = 5.0
 STALE_S = 60.0  # a lock not refreshed for this long belongs to a dead process
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (rates that hold on a shared machine)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident set size in GiB (Linux ``ru_maxrss`` is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -179,9 +185,10 @@ def run_part(part: Part, key: str, work: Callable[[], dict],
         raise UserError(f"{part.name()} is already running (pid {owner.get('pid')} on "
                         f"{owner.get('host')}); a part runs once at a time")
     with held(part.lock):
-        t0 = time.time()
+        t0, c0 = time.time(), cpu_seconds()
         summary = work()
         summary = {**summary, "seconds": round(time.time() - t0, 2),
+                   "cpu_seconds": round(cpu_seconds() - c0, 2),
                    "peak_rss_gib": round(peak_rss_gib(), 3)}
         save_json(part.record, {"digest": key, "stage": part.stage.name, "part": part.i,
                                 "n": part.n, **(extra() if extra is not None else {}),

@@ -30,7 +30,7 @@ import torch
 
 from curation import knn as knn_mod
 from curation.config import IndexConfig
-from curation.store import load_npy, save_json, save_npy
+from curation.store import NpyWriter, load_npy, save_json, save_npy
 from dinosys.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -118,13 +118,10 @@ def build(reader: RowReader, cfg: IndexConfig, out: Path, seed: int = 0) -> Shar
         starts = np.zeros(nlist + 1, dtype=np.int64)
         np.cumsum(np.bincount(home, minlength=nlist), out=starts[1:])
         del home
-        part_path = tmp / f".list_vectors.npy.tmp-{os.getpid()}"
-        vec = np.lib.format.open_memmap(part_path, mode="w+", dtype=np.float16, shape=(n, d))
+        vec = NpyWriter(tmp / "list_vectors.npy", (n, d), np.float16)
         for lo in range(0, n, ROW_BLOCK):
-            vec[lo: lo + ROW_BLOCK] = reader.take(order[lo: lo + ROW_BLOCK])
-            vec.flush()  # written pages leave this process's resident set
-        del vec
-        os.replace(part_path, tmp / "list_vectors.npy")
+            vec.write(reader.take(order[lo: lo + ROW_BLOCK]))
+        vec.close()
         save_npy(tmp / "centroids.npy", centroids)
         save_npy(tmp / "list_rows.npy", order)
         save_npy(tmp / "list_starts.npy", starts)

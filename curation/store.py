@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,39 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` through a temporary file and a rename."""
     with atomic_file(path, "wb") as fh:
         np.save(fh, array, allow_pickle=False)
+
+
+class NpyWriter:
+    """An ``.npy`` of known shape written block by block with plain writes (a memory map would
+    keep every written page in the writer's resident set), renamed into place on close."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: Any) -> None:
+        self.path, self.shape, self.dtype = Path(path), shape, np.dtype(dtype)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.fh = open(self.tmp, "wb")
+        np.lib.format.write_array_header_1_0(
+            self.fh, {"descr": self.dtype.str, "fortran_order": False, "shape": shape})
+        self.rows = 0
+
+    def write(self, block: np.ndarray) -> None:
+        """Append rows."""
+        self.fh.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self.rows += len(block)
+
+    def close(self) -> None:
+        """Check the row count, fsync, rename into place."""
+        try:
+            if self.rows != self.shape[0]:
+                raise RuntimeError(f"{self.path}: wrote {self.rows} rows of {self.shape[0]}")
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.fh.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
 
 
 def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
