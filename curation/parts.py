@@ -44,7 +44,14 @@ def cpu_seconds() -> float:
 
 
 def peak_rss_gib() -> float:
-    """This process's peak resident set size in GiB (Linux ``ru_maxrss`` is in KiB)."""
+    """This process's peak resident set size in GiB: ``VmHWM`` of its own address space
+    (``ru_maxrss`` would also count the parent's resident set at the fork that started it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 

@@ -45,6 +45,8 @@ class RowReader:
         self.path = Path(path)
         head = load_npy(self.path, mmap=True)
         self.dim = int(head.shape[1])
+        self.dtype = head.dtype
+        self.offset = int(head.offset)
         self.rows = np.arange(len(head), dtype=np.int64) if rows is None else rows
         del head
 
@@ -66,10 +68,35 @@ class RowReader:
         return out
 
     def take(self, idx: np.ndarray) -> np.ndarray:
-        """Float32 rows at selection positions ``idx`` (any order)."""
-        emb = load_npy(self.path, mmap=True)
-        out = np.asarray(emb[self.rows[idx]], dtype=np.float32)
-        del emb
+        """Float32 rows at selection positions ``idx`` (any order), read with ``pread`` (runs
+        of consecutive rows in one call). A memory map would not do: on a random gather the
+        kernel maps the cached neighbours of every touched page too, pulling most of the file
+        into the resident set."""
+        rows = np.asarray(self.rows[idx], dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        if not len(rows):
+            return out
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        starts = np.flatnonzero(np.diff(srt, prepend=srt[0] - 2) != 1)  # run starts
+        ends = np.append(starts[1:], len(srt))
+        size = self.dim * self.dtype.itemsize
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            pos = 0
+            for s0, e0 in zip(starts.tolist(), ends.tolist()):
+                first, count = int(srt[s0]), e0 - s0
+                buf = os.pread(fd, count * size, self.offset + first * size)
+                block = np.frombuffer(buf, dtype=self.dtype).reshape(count, self.dim)
+                out[order[pos: pos + count]] = block
+                pos += count
+        finally:
+            os.close(fd)
+        dup = srt[1:] == srt[:-1]  # repeated rows: copy from their first occurrence
+        if dup.any():
+            first_of = np.maximum.accumulate(np.where(np.append(True, ~dup),
+                                                      np.arange(len(srt)), 0))
+            out[order[1:][dup]] = out[order[first_of[1:][dup]]]
         return out
 
 

@@ -138,8 +138,8 @@ def run(args: argparse.Namespace) -> dict:
     work = root / "work"
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
-    planted = write_pool(work, args.n, args.dim, args.seed)
-    write_items(work, args.n)
+    save_npy(root / "planted.npy", write_pool(work, args.n, args.dim, args.seed))
+    write_items(work, args.n)  # the parts start from here: nothing large held meanwhile
     t_gen = time.perf_counter() - t0
     cfg = str(config(work, args))
     p = args.parts
@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> dict:
     records = [json.loads((work / "knn" / "parts" / str(p) / f"part-{i}.json").read_text())
                for i in range(p)]
     dedup = json.loads((work / "dedup" / "DONE.json").read_text())["summary"]
+    planted = load_npy(root / "planted.npy")
     # recall: planted pairs above the threshold found as edges, and put in one copy group
     emb = load_npy(work / "embed" / "embeddings.npy", mmap=True)
     psim = np.einsum("ij,ij->i", np.asarray(emb[planted[:, 0]], np.float32),
