@@ -268,9 +268,10 @@ def merge_once(stage: Stage, key: str, merge: Callable[[], dict],
 
 def wait_parts(stage: Stage, n: int, key: str, timeout_s: float = 24 * 3600,
                poll_s: float = 1.0) -> None:
-    """Block until all ``n`` parts finished with ``key`` (ranks of one torchrun / --local job)."""
+    """Block until all ``n`` parts finished with ``key`` (ranks of one torchrun / --local job),
+    or another rank already merged them (a merge may replace the parts' folder)."""
     deadline = time.monotonic() + timeout_s
-    while not all(Part(stage, i, n).done(key) for i in range(n)):
+    while not stage.is_done(key) and not all(Part(stage, i, n).done(key) for i in range(n)):
         if time.monotonic() > deadline:
             raise UserError(f"timed out waiting for the parts of stage '{stage.name}'")
         time.sleep(poll_s)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from curation.backbone import load_feature_model
 from curation.config import CurationConfig, EmbedConfig
-from curation.dedup_stage import knn_key, stage_dedup, stage_verify
+from curation.dedup_stage import knn_key, stage_dedup, stage_knn, stage_verify
 from curation.embed import embed_chunks, merge_chunks, n_chunks
 from curation.ingest import (
     check_unreadable_fraction,
@@ -241,7 +241,10 @@ def _barrier_merge(cfg: CurationConfig, name: str, key_fn: Callable[[], str], n:
     """After this rank's part: wait for every part of ``name``, then merge it once."""
     stage_dir = {"dedup": "knn", "shard": "shards"}.get(name, name)
     wait_parts(Stage(work_dir(cfg), stage_dir), n, key_fn())
-    run_stage(cfg, name, merge=n)
+    if name == "dedup":  # the kNN graph only: verification parts come before the dedup merge
+        stage_knn(cfg, merge=n)
+    else:
+        run_stage(cfg, name, merge=n)
 
 
 def run_all(cfg: CurationConfig, part: tuple[int, int] = (0, 1)) -> dict:

@@ -184,23 +184,25 @@ def run(args: argparse.Namespace) -> dict:
     same = labels[above[:, 0]] == labels[above[:, 1]]
     parts = [{"part": r["part"], "seconds": done[r["part"]],
               "search_seconds": r["summary"]["search_seconds"],
+              "search_cpu_seconds": r["summary"]["search_cpu_seconds"],
               "peak_rss_gib": r["summary"]["peak_rss_gib"], "edges": r["summary"]["edges"]}
              for r in records]
     result = {
         "n": args.n, "dim": args.dim, "parts": p, "concurrent": args.concurrent,
         "threads_per_part": args.threads, "k": args.k, "nlist": args.nlist,
         "nprobe": args.nprobe, "threshold": args.threshold, "generate_seconds": round(t_gen, 1),
-        "index_seconds": index["seconds"], "index_peak_rss_gib": index["peak_rss_gib"],
+        "index_seconds": index["seconds"], "index_cpu_seconds": index["cpu_seconds"],
+        "index_peak_rss_gib": index["peak_rss_gib"],
         "parts_wall_seconds": round(t_parts, 1),
         "part_seconds": [round(x["seconds"], 1) for x in parts],
         "part_search_seconds": [x["search_seconds"] for x in parts],
+        "part_search_cpu_seconds": [x["search_cpu_seconds"] for x in parts],
         "part_peak_rss_gib": [x["peak_rss_gib"] for x in parts],
         "max_part_peak_rss_gib": max(x["peak_rss_gib"] for x in parts),
         "merge_seconds": round(t_merge, 1),
         "merge_peak_rss_gib": dedup.get("merge_peak_rss_gib"),
         "total_seconds": round(t_parts + t_merge, 1),
-        "queries_per_second_per_core": round(args.n / sum(x["search_seconds"] for x in parts)
-                                             / args.threads, 1),
+        "queries_per_cpu_second": round(args.n / sum(x["search_cpu_seconds"] for x in parts), 1),
         "planted_pairs": int(len(above)), "recall_planted": round(float(found.mean()), 4),
         "planted_same_group": round(float(same.mean()), 4),
         "edges": dedup["edges"], "removed": dedup["near_duplicates"],

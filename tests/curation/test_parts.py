@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from curation.cli import main
 from tests.curation.conftest import write_config
@@ -69,6 +70,31 @@ def test_one_two_and_four_parts_give_identical_results(tmp_path: Path, curation_
         assert summary["parts"] == n
         rec = json.loads((out / "knn" / "parts" / str(n) / "part-1.json").read_text())
         assert rec["summary"]["peak_rss_gib"] > 0 and rec["index"]
+
+
+@pytest.mark.slow
+def test_run_as_ranks_equals_one_process(tmp_path: Path, curation_inputs: dict,
+                                         random_export: Path, repo_root: Path) -> None:
+    """`run` in two concurrent processes as RANK 0 and 1 of 2 (torchrun's variables), with
+    verification on: each runs its part of every stage, waits for the other, one merges."""
+    extra = {"dedup.verify.enabled": True, "dedup.verify.block_size": 2}
+    ref = tmp_path / "one"
+    assert main(["run", str(_config(tmp_path, curation_inputs, random_export, ref,
+                                    **extra))]) == 0
+    out = tmp_path / "ranks"
+    cfg = str(_config(tmp_path, curation_inputs, random_export, out, **extra))
+    procs = [subprocess.Popen([sys.executable, "-m", "curation.cli", "run", cfg],
+                              env={**os.environ, "PYTHONPATH": str(repo_root), "RANK": str(r),
+                                   "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+    assert (out / "verify" / "parts" / "2" / "part-1.json").is_file()
+    want, got = outputs(ref), outputs(out)
+    for key in want:
+        assert got[key] == want[key], key
 
 
 def _cli(args: list[str], repo_root: Path) -> subprocess.CompletedProcess:
