@@ -30,14 +30,15 @@ def _config(tmp_path: Path, inputs: dict, model: Path, out: Path, **extra) -> Pa
         "cluster.target_size": 20, "shards.max_count": 1, **extra})
 
 
-def run_split(cfg: Path, n: int) -> None:
+def run_split(cfg: Path, n: int, out: Path) -> None:
     """Every split stage as n parts then a merge, the way the Slurm arrays run them (each part
-    merges the stage before it when it starts), then the report."""
+    merges the stage before it when it starts), then the report; ``--out`` names the work
+    directory (the config's ``out`` points elsewhere)."""
     for stage in STAGES:
         for i in range(n):
-            assert main([stage, str(cfg), "--part", f"{i}/{n}"]) == 0, (stage, i)
-    assert main(["shard", str(cfg), "--merge"]) == 0
-    assert main(["report", str(cfg)]) == 0
+            assert main([stage, str(cfg), "--out", str(out), "--part", f"{i}/{n}"]) == 0
+    assert main(["shard", str(cfg), "--out", str(out), "--merge"]) == 0
+    assert main(["report", str(cfg), "--out", str(out)]) == 0
 
 
 def outputs(out: Path) -> dict:
@@ -62,7 +63,8 @@ def test_one_two_and_four_parts_give_identical_results(tmp_path: Path, curation_
     assert any(not k for k in want["pool"]["keep"])  # dedup removed something
     for n in (2, 4):
         out = tmp_path / f"parts{n}"
-        run_split(_config(tmp_path, curation_inputs, random_export, out), n)
+        run_split(_config(tmp_path, curation_inputs, random_export, tmp_path / "unused"), n,
+                  out)
         got = outputs(out)
         for key in want:
             assert got[key] == want[key], (n, key)
