@@ -1,0 +1,45 @@
+"""Any registered evaluator as a periodic evaluation of a training run.
+
+:class:`RegistryEvaluator` is a callable ``(task, step) -> {name: float}`` with ``name``,
+``every_n_steps`` and ``last`` (the full result of the latest call): what the training loop calls
+every so many steps, on every rank (the evaluator shards its feature extraction over the ranks).
+It evaluates the task's main export (``task.exports()``, first entry) in eval mode and restores
+the module's mode afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dinosys.eval.models import EvalModel, model_image_size
+from dinosys.eval.registry import get_evaluator
+
+
+class RegistryEvaluator:
+    """Run evaluator ``evaluator`` with ``config`` on the current weights every
+    ``every_n_steps`` steps; logs its ``metrics`` as ``<name>/<metric>``."""
+
+    def __init__(self, evaluator: str, config: Any, every_n_steps: int,
+                 mean: tuple[float, ...], std: tuple[float, ...],
+                 name: str | None = None) -> None:
+        self.evaluator = get_evaluator(evaluator)
+        self.config = config
+        self.every_n_steps = every_n_steps
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.name = name or evaluator
+        self.last: dict[str, Any] | None = None
+
+    def evaluate(self, module: nn.Module, device: torch.device | str) -> dict[str, float]:
+        """The evaluator on ``module`` (its mode is restored); returns the logged scalars."""
+        model = EvalModel(module, self.name, model_image_size(module), self.mean, self.std,
+                          torch.device(device))
+        self.last = self.evaluator.run(model, self.config)
+        return {f"{self.name}/{k}": float(v) for k, v in self.last.get("metrics", {}).items()}
+
+    def __call__(self, task: Any, step: int) -> dict[str, float]:
+        """Evaluate ``task``'s main export at ``step``."""
+        module = next(iter(task.exports().values())).module
+        return self.evaluate(module, task.device)
