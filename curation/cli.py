@@ -170,7 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="work directory: stages, shards, manifest, report "
                        "(default: the config's `out`; same as the override out=DIR)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        p.add_argument("--out", help="work directory (overrides the config's `out`)")
         if name in ("run", *SPLIT):
             p.add_argument("--part", help="this process's part i/n of the stage's work "
                            "(default: torchrun RANK/WORLD_SIZE or the Slurm array task)")
