@@ -65,3 +65,24 @@ def test_linear_eval_job_equals_one_process(tmp_path, builtin_data, tiny_model) 
     local = run_evaluator("linear", str(tiny_model), train=str(digits / "train"),
                           val=str(digits / "val"), lrs=[0.01, 0.1], n_blocks=[1], epochs=2)
     assert result["world_size"] == 2 and result["grid"] == local["grid"]
+
+
+@pytest.mark.slurm
+def test_suite_job_writes_results_beside_the_model(tmp_path, builtin_data, tiny_model) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    digits = builtin_data / "digits"
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"- name: digits\n  evaluator: knn\n  train: {digits / 'train'}\n"
+                     f"  val: {digits / 'val'}\n  k: [5]\n"
+                     f"- name: digits\n  evaluator: linear\n  train: {digits / 'train'}\n"
+                     f"  val: {digits / 'val'}\n  lrs: [0.1]\n  n_blocks: [1]\n  epochs: 1\n")
+    _submit_eval(tmp_path / "run", "suite", "--model", str(model), "--suite", str(suite))
+    saved = json.loads((model / "eval" / "results.json").read_text())
+    assert [(r["name"], r["evaluator"]) for r in saved["results"]] == [("digits", "knn"),
+                                                                       ("digits", "linear")]
+    assert "| digits | linear |" in (model / "README.md").read_text()
+    job = json.loads((tmp_path / "run" / "eval" / "suite.json").read_text())
+    assert job["metrics"] == saved["metrics"] and job["world_size"] == 2
