@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from dinosys.atomic import write_atomic
-from dinosys.config import TrainConfig, load_config
+from dinosys.config import load_config
+from dinosys.train.tasks.ssl import SSLConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def run_demo(run_dir: Path, data_dir: Path = Path("data/builtin"),
     t0 = time.perf_counter()
     build_builtin(data_dir, sets=["mnist"])
     train_dir, val_dir = data_dir / "mnist" / "train", data_dir / "mnist" / "val"
-    cfg = load_config(TrainConfig, RECIPE, [
+    cfg = load_config(SSLConfig, RECIPE, [
         f"data.sources=[{{path: {train_dir}}}]", f"eval.knn_train={train_dir}",
         f"eval.knn_val={val_dir}", *overrides], kind="train")
     t_train = time.perf_counter()

@@ -21,15 +21,16 @@ import yaml
 
 from dinosys.atomic import write_atomic
 from dinosys.config import load_config, to_yaml
-from dinosys.errors import NotAvailableError, UserError
+from dinosys.errors import UserError
 from dinosys.eval.cli import EvalRequest
 from launch.task import TaskContext
 
 log = logging.getLogger(__name__)
 
 JOB_KINDS = ("train", "clip", "distill", "curate", "eval")
-# config dataclasses (in dinosys.config) of the kinds whose command takes CONFIG key=value
-CONFIG_SCHEMAS = {"train": "TrainConfig", "clip": "ClipConfig", "distill": "DistillConfig"}
+# training kinds: one path (run_train_work, collective preemption + requeue); the schema is the
+# config's task's (dinosys.train.tasks.TASKS), by default the task registered for the kind
+TRAIN_KINDS = ("train", "clip", "distill")
 
 
 @dataclass
@@ -135,11 +136,14 @@ def run_curate_work(stage: str, config_yaml: str, parts: int, ctx: TaskContext) 
 # --------------------------------------------------------------------------- preparation
 
 
-def _prepare_train(config: str, overrides: list[str]) -> PreparedJob:
-    from dinosys.config import TrainConfig
+def _prepare_train(kind: str, config: str, overrides: list[str]) -> PreparedJob:
+    """A training job of any task: validated with the task's schema, run by
+    ``dinosys.train.run.run_train`` on every rank, preemption-safe (collective checkpoint, then
+    requeue)."""
+    from dinosys.cli import load_command_config
 
-    cfg = load_config(TrainConfig, config, overrides, kind="train")
-    return PreparedJob(kind="train", name=cfg.name, work=functools.partial(run_train_work, cfg),
+    cfg = load_command_config(kind, config, overrides)
+    return PreparedJob(kind=kind, name=cfg.name, work=functools.partial(run_train_work, cfg),
                        resolved_config=to_yaml(cfg), distributed=True, handles_preemption=True)
 
 
@@ -154,20 +158,6 @@ def _prepare_distill(config: str, overrides: list[str]) -> PreparedJob:
                        resolved_config=to_yaml(cfg), distributed=True, handles_preemption=True)
 
 
-def _prepare_config_cli(kind: str, config: str, overrides: list[str]) -> PreparedJob:
-    import dinosys.cli
-    import dinosys.config
-
-    if kind in getattr(dinosys.cli, "NOT_YET", {}):
-        raise NotAvailableError(f"dinosys {kind}: {dinosys.cli.NOT_YET[kind]}")
-    schema = getattr(dinosys.config, CONFIG_SCHEMAS[kind], None)
-    if schema is None:
-        raise NotAvailableError(f"launch: no {CONFIG_SCHEMAS[kind]} in dinosys.config to validate "
-                                f"a `{kind}` config with")
-    cfg = load_config(schema, config, overrides, kind=kind)
-    work = functools.partial(run_cli_work, [kind, "--out", "{run_dir}"], to_yaml(cfg))
-    return PreparedJob(kind=kind, name=getattr(cfg, "name", kind), work=work,
-                       resolved_config=to_yaml(cfg), distributed=True, handles_preemption=False)
 
 
 def _prepare_eval(job_args: list[str]) -> PreparedJob:
@@ -220,12 +210,10 @@ def prepare_jobs(kind: str, job_args: Sequence[str], parts: int = 1) -> list[Pre
     """Validate a job locally (no Slurm involved) and return the job(s) to submit in order,
     each after the previous one succeeded; UserError / NotAvailableError when invalid.
     ``parts``: how many tasks each array of a curation runs."""
-    if kind == "train":
-        return [_prepare_train(*split_config_args(job_args, kind))]
-    if kind == "distill":
+    if kind == "distill":  # its own runner until the distill task is on the TASKS registry
         return [_prepare_distill(*split_config_args(job_args, kind))]
-    if kind == "clip":
-        return [_prepare_config_cli(kind, *split_config_args(job_args, kind))]
+    if kind in TRAIN_KINDS:
+        return [_prepare_train(kind, *split_config_args(job_args, kind))]
     if kind == "eval":
         return [_prepare_eval(list(job_args))]
     if kind == "curate":

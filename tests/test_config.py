@@ -8,16 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dinosys.config import (
-    CONFIG_DIR_ENV,
-    DataSourceConfig,
-    TrainConfig,
-    find_config,
-    load_config,
-    save_config,
-    to_dict,
-)
+from dinosys.config import CONFIG_DIR_ENV, find_config, load_config, save_config, to_dict
+from dinosys.data.sources import DataSourceConfig
 from dinosys.errors import ConfigError, UserError
+from dinosys.train.tasks.ssl import SSLConfig
 
 
 def _yaml(path: Path, text: str) -> Path:
@@ -39,8 +33,8 @@ def config_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_defaults_come_from_the_dataclasses(config_root: Path) -> None:
-    cfg = load_config(TrainConfig)
-    assert isinstance(cfg, TrainConfig) and cfg == TrainConfig()
+    cfg = load_config(SSLConfig)
+    assert isinstance(cfg, SSLConfig) and cfg == SSLConfig()
     assert cfg.optim.base_lr == 4e-3 and cfg.model.arch == "vits14" and cfg.data.sources == []
 
 
@@ -50,12 +44,12 @@ def test_order_defaults_base_file_overrides(tmp_path: Path, config_root: Path) -
     _yaml(tmp_path / "a" / "other.yaml", "optim:\n  epochs: 7\n  min_lr: 0.5\n")
     child = _yaml(tmp_path / "a" / "child.yaml",
                   "_base_: [base.yaml, other.yaml]\noptim:\n  base_lr: 2.0\n")
-    cfg = load_config(TrainConfig, child)
+    cfg = load_config(SSLConfig, child)
     assert cfg.optim.base_lr == 2.0  # file over base
     assert cfg.optim.epochs == 7 and cfg.optim.min_lr == 0.5  # later base over earlier base
     assert cfg.model.arch == "vit_tiny" and cfg.name == "base"  # from the first base
     assert cfg.optim.warmup_epochs == 10  # untouched default
-    cfg = load_config(TrainConfig, str(child), ["optim.base_lr=3", "model.arch=vitb14"])
+    cfg = load_config(SSLConfig, str(child), ["optim.base_lr=3", "model.arch=vitb14"])
     assert cfg.optim.base_lr == 3.0 and cfg.model.arch == "vitb14" and cfg.optim.epochs == 7
 
 
@@ -63,9 +57,9 @@ def test_names_resolve_under_the_config_dir(config_root: Path) -> None:
     _yaml(config_root / "train" / "recipe.yaml", "name: from_train\n")
     _yaml(config_root / "eval" / "recipe.yaml", "name: from_eval\n")
     _yaml(config_root / "train" / "child.yaml", "_base_: recipe\nseed: 3\n")
-    assert load_config(TrainConfig, "recipe", kind="train").name == "from_train"
-    assert load_config(TrainConfig, "recipe.yaml", kind="eval").name == "from_eval"
-    child = load_config(TrainConfig, "child", kind="train")
+    assert load_config(SSLConfig, "recipe", kind="train").name == "from_train"
+    assert load_config(SSLConfig, "recipe.yaml", kind="eval").name == "from_eval"
+    child = load_config(SSLConfig, "child", kind="train")
     assert (child.name, child.seed) == ("from_train", 3)
     with pytest.raises(ConfigError, match="ambiguous"):
         find_config("recipe")
@@ -73,7 +67,7 @@ def test_names_resolve_under_the_config_dir(config_root: Path) -> None:
         find_config("recipee", kind="train")
     # a path in the cwd wins over a name
     _yaml(Path("recipe.yaml"), "name: local\n")
-    assert load_config(TrainConfig, "recipe.yaml", kind="train").name == "local"
+    assert load_config(SSLConfig, "recipe.yaml", kind="train").name == "local"
 
 
 @pytest.mark.parametrize(("override", "expected"), [
@@ -85,7 +79,7 @@ def test_names_resolve_under_the_config_dir(config_root: Path) -> None:
 ])
 def test_unknown_keys_suggest_the_closest(config_root: Path, override: str, expected: str) -> None:
     with pytest.raises(ConfigError, match="unknown config key") as info:
-        load_config(TrainConfig, None, [override])
+        load_config(SSLConfig, None, [override])
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
@@ -93,12 +87,12 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path: Path, config_root: Path)
     path = _yaml(tmp_path / "typo.yaml", "optim:\n  base_lrr: 1\n")
     pattern = r"'optim.base_lrr' \(from .*typo.yaml\).*'optim.base_lr'"
     with pytest.raises(ConfigError, match=pattern):
-        load_config(TrainConfig, path)
+        load_config(SSLConfig, path)
 
 
 def test_far_off_key_gets_no_suggestion(config_root: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(TrainConfig, None, ["zzzqqq=1"])
+        load_config(SSLConfig, None, ["zzzqqq=1"])
     assert "did you mean" not in str(info.value)
 
 
@@ -117,13 +111,13 @@ def test_far_off_key_gets_no_suggestion(config_root: Path) -> None:
 def test_bad_values_are_one_line_config_errors(config_root: Path, override: str,
                                                pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern) as info:
-        load_config(TrainConfig, None, [override])
+        load_config(SSLConfig, None, [override])
     assert "\n" not in str(info.value)
     assert isinstance(info.value, UserError)
 
 
 def test_sources_become_typed_items(config_root: Path) -> None:
-    cfg = load_config(TrainConfig, None, ["data.sources=[{path: /d/a}, {path: /d/b, weight: 3}]"])
+    cfg = load_config(SSLConfig, None, ["data.sources=[{path: /d/a}, {path: /d/b, weight: 3}]"])
     assert cfg.data.sources == [DataSourceConfig(path="/d/a"), DataSourceConfig("/d/b", 3.0)]
     assert cfg.data.sources[0].kind == "auto"
 
@@ -140,9 +134,9 @@ def test_file_errors(tmp_path: Path, config_root: Path) -> None:
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00 binary")
     for path, pattern in cases.values():
         with pytest.raises(ConfigError, match=pattern):
-            load_config(TrainConfig, path)
+            load_config(SSLConfig, path)
         with pytest.raises(ConfigError, match=pattern):  # same for a string path
-            load_config(TrainConfig, str(path))
+            load_config(SSLConfig, str(path))
 
 
 def test_unreadable_file(tmp_path: Path, config_root: Path) -> None:
@@ -151,11 +145,11 @@ def test_unreadable_file(tmp_path: Path, config_root: Path) -> None:
     path = _yaml(tmp_path / "secret.yaml", "seed: 1\n")
     path.chmod(0)
     with pytest.raises(ConfigError, match="cannot read config file"):
-        load_config(TrainConfig, path)
+        load_config(SSLConfig, path)
 
 
 def test_empty_file_means_defaults(tmp_path: Path, config_root: Path) -> None:
-    assert load_config(TrainConfig, _yaml(tmp_path / "empty.yaml", "")) == TrainConfig()
+    assert load_config(SSLConfig, _yaml(tmp_path / "empty.yaml", "")) == SSLConfig()
 
 
 def test_base_cycles_and_missing_bases(tmp_path: Path, config_root: Path) -> None:
@@ -164,15 +158,15 @@ def test_base_cycles_and_missing_bases(tmp_path: Path, config_root: Path) -> Non
     _yaml(tmp_path / "self.yaml", "_base_: self.yaml\n")
     _yaml(tmp_path / "orphan.yaml", "_base_: gone.yaml\n")
     with pytest.raises(ConfigError, match=r"include each other: a.yaml -> b.yaml -> a.yaml"):
-        load_config(TrainConfig, tmp_path / "a.yaml")
+        load_config(SSLConfig, tmp_path / "a.yaml")
     with pytest.raises(ConfigError, match="include each other"):
-        load_config(TrainConfig, tmp_path / "self.yaml")
+        load_config(SSLConfig, tmp_path / "self.yaml")
     with pytest.raises(ConfigError, match="'gone.yaml'"):
-        load_config(TrainConfig, tmp_path / "orphan.yaml")
+        load_config(SSLConfig, tmp_path / "orphan.yaml")
 
 
 def test_save_config_round_trip(tmp_path: Path, config_root: Path) -> None:
-    cfg = load_config(TrainConfig, None, [
+    cfg = load_config(SSLConfig, None, [
         "name=roundtrip", "optim.base_lr=1e-4", "model.arch=vit_tiny", "model.patch_size=4",
         "data.sources=[{path: /data/a, weight: 2}]", "crops.local_scale=[0.1,0.3]",
         "log.peak_tflops=989.0",
@@ -181,6 +175,6 @@ def test_save_config_round_trip(tmp_path: Path, config_root: Path) -> None:
     assert path == tmp_path / "run" / "config.yaml"
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left
-    again = load_config(TrainConfig, path)
+    again = load_config(SSLConfig, path)
     assert again == cfg
     assert to_dict(again)["data"]["sources"] == [{"path": "/data/a", "weight": 2.0, "kind": "auto"}]

@@ -24,4 +24,4 @@ def test_demo_trains_and_evaluates(builtin_data: Path, tmp_path: Path) -> None:
         assert all(0.0 <= v <= 1.0 for v in summary[key].values())
     written = json.loads((tmp_path / "run" / "demo_summary.json").read_text())
     assert written == summary
-    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "export" / "teacher" / "model.safetensors").is_file()

@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dinosys.config import BackboneConfig  # noqa: E402
 from dinosys.data.captions import digit_caption  # noqa: E402
 from dinosys.data.tokenizer import get_tokenizer  # noqa: E402
 from dinosys.losses.clip import clamp_logit_scale_, clip_loss  # noqa: E402
 from dinosys.models.clip import CLIPModel, ClipModelConfig, ImageTowerConfig  # noqa: E402
 from dinosys.models.text import TextConfig  # noqa: E402
+from dinosys.models.vit import BackboneConfig  # noqa: E402
 
 # name -> (image size, patch, width, depth, heads, text width, text layers, text heads, embed)
 SIZES = {

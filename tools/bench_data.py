@@ -29,11 +29,10 @@ import PIL
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from dinosys.config import CropConfig, MaskConfig
-from dinosys.data.augment import MultiCropAugmentation, random_resized_crop_box
+from dinosys.data.augment import CropConfig, MultiCropAugmentation, random_resized_crop_box
 from dinosys.data.collate import CropBuffers, assemble_ssl_batch, collate_ssl
 from dinosys.data.gpu_augment import PARAMS_KEY, PhotometricParams, apply_photometric
-from dinosys.data.masking import MaskGenerator
+from dinosys.data.masking import MaskConfig, MaskGenerator
 
 SIZES = ((500, 375), (1024, 768))
 

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from dinosys.config import BackboneConfig, CropConfig, HeadConfig
+from dinosys.data.augment import CropConfig
 from dinosys.distill.config import DistillLossConfig, StudentConfig, TeacherConfig
 from dinosys.distill.task import DistillTask
 from dinosys.distill.teacher import Teacher, TeacherSource
 from dinosys.models import backbone_from_config
-from dinosys.models.heads import build_heads
+from dinosys.models.heads import HeadConfig, build_heads
+from dinosys.models.vit import BackboneConfig
 from dinosys.train.optim import build_optimizer, build_param_groups
 
 CPU_ARCHS = {  # name -> (width, depth, heads): small enough for a shared CPU
@@ -154,7 +155,7 @@ def main() -> None:
 
 
 def _optim():  # type: ignore[no-untyped-def]
-    from dinosys.config import OptimConfig
+    from dinosys.train.optim import OptimConfig
 
     return OptimConfig()
 

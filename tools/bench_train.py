@@ -11,7 +11,7 @@ loading is not measured. Warmup steps (compile, allocator) are not timed.
   python tools/bench_train.py --arch vitg14 --batch-size 12 --dtype bf16 --act-ckpt --fsdp
   torchrun --nproc_per_node 8 tools/bench_train.py --arch vitg14 --fsdp ...  # FSDP2 over 8
 
-The config is TrainConfig's defaults (the DINOv2 recipe: 2x224 + 8x98 crops, 65536
+The config is SSLConfig's defaults (the DINOv2 recipe: 2x224 + 8x98 crops, 65536
 prototypes) <- ``--config`` <- the flags <- trailing ``key=value`` overrides. ``--fsdp`` shards
 with FSDP2 (params in --dtype, fp32 reduce) even on one device; without it a single process
 uses autocast. Prints a table, then one JSON line.
@@ -41,17 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/timm_baseline.
 from timm_baseline import timm_fwd_bwd, timm_name  # noqa: E402
 
 from dinosys.atomic import write_atomic  # noqa: E402
-from dinosys.config import TrainConfig, load_config  # noqa: E402
+from dinosys.config import load_config  # noqa: E402
 from dinosys.data.collate import collate_ssl  # noqa: E402
 from dinosys.data.masking import MaskGenerator  # noqa: E402
 from dinosys.distributed.env import DistEnv, init_distributed, seed_everything  # noqa: E402
-from dinosys.distributed.fsdp import prepare_for_training  # noqa: E402
 from dinosys.distributed.layout import apply_single_device_layout  # noqa: E402
 from dinosys.train.device_step import read_scalars  # noqa: E402
 from dinosys.train.loop import Trainer  # noqa: E402
 from dinosys.train.metrics import peak_tflops  # noqa: E402
 from dinosys.train.profiling import format_profile, profile_steps  # noqa: E402
-from dinosys.train.ssl_task import SSLTask  # noqa: E402
+from dinosys.train.tasks.ssl import SSLConfig, SSLTask  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
@@ -99,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
+def build_config(args: argparse.Namespace) -> SSLConfig:
     flags = []
     if args.arch:
         flags.append(f"model.arch={args.arch}")
@@ -117,7 +116,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         flags.append("dist.pack_tokens=true")
     flags.append(f"dist.fsdp={'true' if args.fsdp else 'false'}")
     flags.append(f"max_steps={max(10**6, args.warmup + args.steps)}")
-    return load_config(TrainConfig, args.config, [*flags, *args.overrides], kind="train")
+    return load_config(SSLConfig, args.config, [*flags, *args.overrides], kind="train")
 
 
 def setup_env(args: argparse.Namespace) -> DistEnv:
@@ -134,7 +133,7 @@ def setup_env(args: argparse.Namespace) -> DistEnv:
                                  backend=backend, launcher=env.launcher)
 
 
-def synthetic_batch(cfg: TrainConfig, patch_size: int, device: torch.device) -> dict:
+def synthetic_batch(cfg: SSLConfig, patch_size: int, device: torch.device) -> dict:
     """One rank's batch with the loader's layout: random crops, real iBOT block masks."""
     b, c = cfg.data.batch_size_per_gpu, cfg.model.in_chans
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -172,8 +171,8 @@ def run(args: argparse.Namespace) -> dict:
         layout_reason = layout.reason
     seed_everything(cfg.seed, env.rank)
     with torch.device(env.device):  # initialise on the device: seconds, not minutes, for ViT-g
-        task = SSLTask(cfg, env.device)
-    prepare_for_training(task.student, task.teacher, env, cfg.dist)  # FSDP2 when sharding
+        task = SSLTask(cfg, env)
+    task.shard()  # FSDP2 when sharding
     batch = synthetic_batch(cfg, task.patch_size, env.device)
     step_flops = task.step_flops(batch)
     n_params = sum(p.numel() for p in task.student["backbone"].parameters())  # DTensor: global

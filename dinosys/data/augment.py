@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinosys.config import CropConfig
+from dinosys.config import ConfigError, Section, check_range
+from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.data import color
 from dinosys.data.decode import decode_array, probe_image
 
@@ -36,6 +37,39 @@ Lap = Callable[[str], None]  # stage-timing hook: called with a stage name when 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 _JITTER_OPS = (color.adjust_brightness, color.adjust_contrast, color.adjust_saturation,
                color.adjust_hue)
+
+
+@dataclass
+class CropConfig(Section):
+    """Multi-crop augmentation (2 global + n_local local crops)."""
+
+    global_size: int = 224
+    local_size: int = 98
+    n_global: int = 2
+    n_local: int = 8
+    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    flip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p_global1: float = 1.0
+    blur_p_global2: float = 0.1
+    blur_p_local: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p_global2: float = 0.2
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+    def validate(self) -> None:
+        for name in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p_global1",
+                     "blur_p_global2", "blur_p_local", "solarize_p_global2"):
+            check_range(getattr(self, name), f"crops.{name}", 0.0, 1.0)
+        if self.n_global != 2:
+            raise ConfigError("config key 'crops.n_global': DINOv2 uses exactly 2 global crops")
 
 
 @dataclass

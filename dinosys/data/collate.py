@@ -8,10 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinosys.config import CropConfig
+from dinosys.data.augment import CropConfig
 from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.data.masking import MaskGenerator
-
 
 
 def _stack_crop_major(samples: Sequence[dict], key: str, mean: Sequence[float],

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dinosys.config import CropConfig
+from dinosys.data.augment import CropConfig
 from dinosys.data.augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, CropParams
 from dinosys.data.color import BLUR_KERNEL_SIZE, GRAY_WEIGHTS, MAX_VALUE
 

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from dinosys.config import MaskConfig
+from dinosys.config import Section, check_range
+
+
+@dataclass
+class MaskConfig(Section):
+    """iBOT block masking of the student's global crops."""
+
+    mask_probability: float = 0.5
+    ratio_min: float = 0.1
+    ratio_max: float = 0.5
+    min_patches_per_block: int = 4
+    aspect_min: float = 0.3
+
+    def validate(self) -> None:
+        check_range(self.mask_probability, "masking.mask_probability", 0.0, 1.0)
+        check_range(self.ratio_min, "masking.ratio_min", 0.0, 1.0)
+        check_range(self.ratio_max, "masking.ratio_max", self.ratio_min, 1.0)
 
 
 class MaskGenerator:

@@ -3,6 +3,12 @@
 Every source is a list of samples addressed by an integer index, grouped into "units" (a shard,
 or a block of files) that the epoch order shuffles as a whole before mixing samples inside a
 window of units. Shards are indexed once (tar member offsets) so a sample is one seek + read.
+A :class:`Sample` carries every member: the image, the ``.txt`` caption, the ``.cls`` label and
+the ``.json`` metadata (files on disk: sidecars with the image's stem, ``a/b.jpg`` ->
+``a/b.txt``, ``a/b.json``; a folder's class index is the label).
+
+:func:`source_kind` and :func:`expand_shards` are the one set of rules for what a path is and
+which shards a pattern names (training, curation ingest and evaluation use them).
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 from braceexpand import braceexpand
+from omegaconf import MISSING
 from webdataset.tariterators import base_plus_ext
 
 from dinosys.atomic import write_atomic
-from dinosys.config import DataSourceConfig
+from dinosys.config import Section, check_choice
 from dinosys.data.decode import BadImageError
 from dinosys.data.folder import ImageFolder, read_file_list
 from dinosys.data.tar_scan import Damage, scan_tar
@@ -35,12 +42,49 @@ _MAX_OPEN_SHARDS = 16
 
 
 @dataclass
-class RawSample:
-    """Encoded image bytes, label (-1 if none) and where it came from (for logs)."""
+class DataSourceConfig(Section):
+    """One input: an image folder, a file list (.txt), or WebDataset shards (brace pattern)."""
 
-    data: bytes
+    path: str = MISSING
+    weight: float = 1.0
+    kind: str = "auto"  # auto, folder, list, shards
+
+    def validate(self) -> None:
+        check_choice(self.kind, ("auto", "folder", "list", "shards"), "data.sources.kind")
+
+
+@dataclass
+class Sample:
+    """One sample with every member: encoded image bytes, label (-1 if none), caption (None if
+    none), JSON metadata (None if none) and where it came from (for logs)."""
+
+    image: bytes
     label: int
     where: str
+    text: str | None = None
+    meta: dict | None = None
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", errors="replace").strip()
+
+
+def _meta(raw: bytes | None) -> dict | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None  # unreadable provenance must not cost the image
+    return value if isinstance(value, dict) else None
+
+
+def _sidecar(path: str, ext: str) -> bytes | None:
+    try:
+        with open(os.path.splitext(path)[0] + ext, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
 
 
 class FileSource:
@@ -60,25 +104,29 @@ class FileSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def read(self, index: int) -> RawSample:
+    def read(self, index: int) -> Sample:
         path = self.paths[index]
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
         except OSError as exc:
             raise BadImageError("read_error", f"{path}: {exc.strerror}") from exc
-        return RawSample(data, int(self.labels[index]), path)
+        return Sample(data, int(self.labels[index]), path, text=_text(_sidecar(path, ".txt")),
+                      meta=_meta(_sidecar(path, ".json")))
 
 
 @dataclass
 class ShardIndex:
-    """One shard's samples in tar order: key, image member (offset, size), label; and the byte
-    ranges of the shard that hold no readable member (``(offset, length, reason)``)."""
+    """One shard's samples in tar order: key, label and the (offset, size) of the image,
+    caption (.txt) and metadata (.json) members (None where absent); and the byte ranges of
+    the shard that hold no readable member (``(offset, length, reason)``)."""
 
     keys: list[str]
     image: list[tuple[int, int] | None]
     labels: list[int]
     damage: list[tuple[int, int, str]] = field(default_factory=list)
+    text: list[tuple[int, int] | None] = field(default_factory=list)
+    meta: list[tuple[int, int] | None] = field(default_factory=list)
 
     def damage_text(self) -> str:
         """``garbage at offset 10240 (5120 bytes)``, ... (empty when the shard is sound)."""
@@ -93,6 +141,8 @@ def index_shard(path: str) -> ShardIndex:
     keys: list[str] = []
     image: list[tuple[int, int] | None] = []
     labels: list[int] = []
+    text: list[tuple[int, int] | None] = []
+    meta: list[tuple[int, int] | None] = []
     pos: dict[str, int] = {}
     try:
         scan = scan_tar(path)
@@ -108,9 +158,15 @@ def index_shard(path: str) -> ShardIndex:
                     keys.append(key)
                     image.append(None)
                     labels.append(-1)
+                    text.append(None)
+                    meta.append(None)
                 i = pos[key]
                 if ext in IMAGE_FIELDS and image[i] is None:
                     image[i] = (member.offset_data, member.size)
+                elif ext == "txt":
+                    text[i] = (member.offset_data, member.size)
+                elif ext == "json":
+                    meta[i] = (member.offset_data, member.size)
                 elif ext == "cls" and member.size < 64:
                     fh.seek(member.offset_data)
                     try:
@@ -123,7 +179,7 @@ def index_shard(path: str) -> ShardIndex:
                        path, exc.strerror or exc)
         return ShardIndex([], [], [], damage)
     index = ShardIndex(keys, image, labels,
-                       [(d.offset, d.length, d.reason) for d in scan.damage])
+                       [(d.offset, d.length, d.reason) for d in scan.damage], text, meta)
     if index.damage:
         logger.warning("shard %s is damaged: %s; %d samples readable, the ones stored there are "
                        "skipped and counted", path, index.damage_text(), len(keys))
@@ -149,24 +205,51 @@ def load_shard_index(path: str) -> ShardIndex:
         raise UserError(f"cannot read shard {path}: {exc.strerror}") from exc
     try:
         data = json.loads(cache.read_text())
-        image = [tuple(m) if m is not None else None for m in data["image"]]
+        members = {name: [tuple(m) if m is not None else None for m in data[name]]
+                   for name in ("image", "text", "meta")}
         damage = [(int(o), int(n), str(r)) for o, n, r in data["damage"]]
-        return ShardIndex(list(data["keys"]), image, list(data["labels"]),  # type: ignore[arg-type]
-                          damage)
+        return ShardIndex(list(data["keys"]), labels=list(data["labels"]), damage=damage,
+                          **members)  # type: ignore[arg-type]
     except (OSError, ValueError, KeyError, TypeError):
-        pass  # no cache, or one written before damage was recorded: scan again
+        pass  # no cache, or one written before damage / every member was recorded: scan again
     index = index_shard(path)
     try:
         write_atomic(cache, json.dumps({"shard": os.path.abspath(path), "keys": index.keys,
                                         "image": index.image, "labels": index.labels,
-                                        "damage": index.damage}))
+                                        "damage": index.damage, "text": index.text,
+                                        "meta": index.meta}))
     except OSError as exc:  # a read-only home is fine: just no cache
         logger.debug("cannot cache the index of %s: %s", path, exc)
     return index
 
 
+def source_kind(path: str, kind: str = "auto") -> str:
+    """What a data path is: ``"shards"``, ``"list"`` or ``"folder"`` (``kind`` other than
+    ``auto`` wins). Shards: a brace pattern, a ``.tar`` or a folder holding ``.tar`` files and no
+    image files beside them; list: a ``.txt`` file; folder: any other directory. UserError for a
+    path that is none of these."""
+    if kind != "auto":
+        check_choice(kind, ("folder", "list", "shards"), "data.sources.kind")
+        return kind
+    p = Path(path)
+    if "{" in path or path.endswith(".tar"):
+        return "shards"
+    if path.endswith(".txt") and p.is_file():
+        return "list"
+    if p.is_dir():
+        entries = list(p.iterdir())
+        has_tars = any(e.suffix == ".tar" and e.is_file() for e in entries)
+        has_images = any(e.is_file() and e.suffix.lower().lstrip(".") in IMAGE_FIELDS
+                         for e in entries)
+        return "shards" if has_tars and not has_images else "folder"
+    raise UserError(f"data source '{path}' is not an image folder, a .txt file list or .tar "
+                    "shards (no such file or directory?)")
+
+
 def expand_shards(pattern: str) -> list[str]:
-    """Brace pattern (``dir/{000000..000009}.tar``), one .tar, or a folder of .tar files."""
+    """The shard files a pattern names, in order: a brace pattern
+    (``dir/{000000..000009}.tar``), one .tar, or a folder of .tar files. UserError when one is
+    missing."""
     p = Path(pattern)
     if "{" not in pattern and p.is_dir():
         shards = sorted(str(x) for x in p.glob("*.tar"))
@@ -234,7 +317,16 @@ class ShardSource:
         self._files[shard] = fh  # re-insert: most recently used last
         return fh
 
-    def read(self, index: int) -> RawSample:
+    def _member(self, fh, span: tuple[int, int] | None, where: str) -> bytes | None:  # noqa: ANN001
+        if span is None:
+            return None
+        try:
+            fh.seek(span[0])
+            return fh.read(span[1])
+        except OSError as exc:
+            raise BadImageError("read_error", f"{where}: {exc}") from exc
+
+    def read(self, index: int) -> Sample:
         shard = bisect.bisect_right(self.starts, index) - 1
         local = index - self.starts[shard]
         idx = self._index.get(shard)
@@ -252,25 +344,16 @@ class ShardSource:
         if member is None:
             raise BadImageError("no_image_field", where)
         fh = self._handle(shard)
-        try:
-            fh.seek(member[0])  # type: ignore[attr-defined]
-            data = fh.read(member[1])  # type: ignore[attr-defined]
-        except OSError as exc:
-            raise BadImageError("read_error", f"{where}: {exc}") from exc
-        return RawSample(data, idx.labels[local], where)
+        data = self._member(fh, member, where)
+        return Sample(data, idx.labels[local], where,  # type: ignore[arg-type]
+                      text=_text(self._member(fh, idx.text[local], where)),
+                      meta=_meta(self._member(fh, idx.meta[local], where)))
 
 
 def build_source(cfg: DataSourceConfig):  # noqa: ANN201 - FileSource | ShardSource
-    """The source a DataSourceConfig names (kind auto: braces/.tar -> shards, .txt -> list)."""
-    path, kind = str(cfg.path), cfg.kind
-    if kind == "auto":
-        p = Path(path)
-        if "{" in path or path.endswith(".tar") or (p.is_dir() and any(p.glob("*.tar"))):
-            kind = "shards"
-        elif path.endswith(".txt"):
-            kind = "list"
-        else:
-            kind = "folder"
+    """The source a DataSourceConfig names (see :func:`source_kind`)."""
+    path = str(cfg.path)
+    kind = source_kind(path, cfg.kind)
     if kind == "shards":
         return ShardSource(path, path)
     if kind == "list":

@@ -6,21 +6,18 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from dinosys.config import (
-    BackboneConfig,
-    CheckpointConfig,
-    ConfigError,
-    CropConfig,
-    DataConfig,
-    DistConfig,
-    HeadConfig,
-    LogConfig,
-    MaskConfig,
-    OptimConfig,
-    PeriodicEvalConfig,
-    SSLLossConfig,
-    check_choice,
-)
+from dinosys.config import ConfigError, check_choice
+from dinosys.data.augment import CropConfig
+from dinosys.data.masking import MaskConfig
+from dinosys.data.stream import DataConfig
+from dinosys.distributed.fsdp import DistConfig
+from dinosys.models.heads import HeadConfig
+from dinosys.models.vit import BackboneConfig
+from dinosys.train.metrics import LogConfig
+from dinosys.train.optim import OptimConfig
+from dinosys.train.periodic_eval import PeriodicEvalConfig
+from dinosys.train.tasks.ssl import SSLLossConfig
+from dinosys.train.train_state import CheckpointConfig
 
 MODES = ("auto", "heads", "features")
 

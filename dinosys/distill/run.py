@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dinosys.config import DistConfig, save_config
+from dinosys.config import save_config
 from dinosys.distill.config import DistillConfig
 from dinosys.distill.task import DistillTask
 from dinosys.distributed.env import DistEnv, init_distributed, seed_everything
+from dinosys.distributed.fsdp import DistConfig
 from dinosys.errors import UserError
 from dinosys.train.loop import LoopResult, Trainer
 from dinosys.train.optim import build_optimizer, build_param_groups
@@ -148,7 +149,7 @@ def run_distill(cfg: DistillConfig, run_dir: Path) -> dict:
 
 
 def _run(cfg: DistillConfig, run_dir: Path, env: DistEnv) -> dict:
-    from dinosys.data.loader import build_ssl_loader
+    from dinosys.data.multicrop import build_ssl_loader
     from dinosys.train.run import (
         _setup_logging,
         configure_cpu_threads,

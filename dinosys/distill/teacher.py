@@ -33,10 +33,10 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from dinosys.config import BackboneConfig, HeadConfig
 from dinosys.errors import ConfigError, UserError
 from dinosys.models import DinoVisionTransformer, backbone_from_config
-from dinosys.models.heads import DINOHead, build_heads
+from dinosys.models.heads import DINOHead, HeadConfig, build_heads
+from dinosys.models.vit import BackboneConfig
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,9 @@ def read_teacher_source(path: Path, arch: str | None = None,
     config = path / "config.json"
     if config.is_file():
         data = _read_json(config)
-        if data.get("format") == "dinosys-backbone":
+        from dinosys.export.native import FORMAT_NAMES
+
+        if data.get("format") in FORMAT_NAMES:
             return _from_export(path, data)
         if "architecture" in data and ("pretrained_cfg" in data or "model_args" in data):
             return _from_timm(path, data)
@@ -329,8 +331,11 @@ def _from_run(path: Path) -> TeacherSource:
     try:
         ckpt = resolve_checkpoint(path)
     except UserError:
-        if (path / "export").is_dir():
-            return read_teacher_source(path / "export")
+        from dinosys.export.loading import run_export_dir
+
+        export = run_export_dir(path) if (path / "export").is_dir() else None
+        if export is not None:  # RUN/export/<name>/ (RUN/export/ for older runs)
+            return read_teacher_source(export)
         raise UserError(f"teacher {path} is not a run directory, checkpoint, export, timm or "
                         "Hugging Face model directory, nor a weights file") from None
     data = _run_config(ckpt)

@@ -1,7 +1,8 @@
-"""FSDP2 wrapping of the training models: activation checkpointing, compile, then sharding.
+"""FSDP2 wrapping of any set of training modules: activation checkpointing, compile, sharding.
 
-Student and teacher are sharded the same way (each block, then each head, then the backbone
-root), so their local shards line up one to one and the teacher EMA is a local foreach update.
+Modules of the same structure are sharded the same way (each block, then each other module,
+then the modules with blocks as roots), so a student and its EMA teacher have local shards that
+line up one to one and the EMA is a local foreach update.
 With ``dist.fsdp: false`` and several ranks the same code path replicates instead (a (world, 1)
 HSDP mesh: plain data parallelism). Single process: the modules stay as they are.
 """
@@ -10,16 +11,36 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dinosys.config import DistConfig
+from dinosys.config import ConfigError, Section, check_choice
 from dinosys.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DistConfig(Section):
+    """Distribution and performance: FSDP2, mixed precision, activation checkpointing, compile."""
+
+    fsdp: bool = True  # FSDP2 fully_shard when more than one rank
+    param_dtype: str = "bf16"  # fp32, bf16, fp16
+    reduce_dtype: str = "fp32"
+    grad_accum_steps: int = 1
+    activation_checkpointing: bool = False
+    compile: bool = False
+    pack_tokens: bool = False  # all crops' tokens as one tensor per block (models.vit)
+
+    def validate(self) -> None:
+        for name in ("param_dtype", "reduce_dtype"):
+            check_choice(getattr(self, name), ("fp32", "bf16", "fp16"), f"dist.{name}")
+        if self.grad_accum_steps < 1:
+            raise ConfigError("config key 'dist.grad_accum_steps': must be >= 1")
 
 
 def build_mesh(env: DistEnv, cfg: DistConfig):  # -> DeviceMesh | None
@@ -42,64 +63,55 @@ def mixed_precision_policy(cfg: DistConfig):
                                 reduce_dtype=DTYPES[cfg.reduce_dtype])
 
 
-def apply_ac_and_compile(backbone: nn.Module, cfg: DistConfig) -> None:
-    """Activation checkpointing then per-block compile, in place, as the config asks."""
-    if not (cfg.activation_checkpointing or cfg.compile):
-        return
+def _blocks(module: nn.Module) -> nn.ModuleList | None:
+    blocks = getattr(module, "blocks", None)
+    return blocks if isinstance(blocks, nn.ModuleList) else None
+
+
+def shard_modules(parts: Mapping[str, nn.Module], env: DistEnv, cfg: DistConfig, mesh,
+                  trainable: bool = True) -> None:
+    """Prepare a set of modules for training, in place: move to the device; token packing
+    (``dist.pack_tokens``), activation checkpointing (``trainable`` only) and per-block compile
+    on every module with ``blocks``;
+    then, with a mesh, FSDP2 ``fully_shard`` of each block, each other distinct module, then each
+    module with blocks as a root.
+
+    Any set works (one student, several students, a frozen teacher): two sets of modules with
+    the same structure (a student and its EMA teacher) shard identically, so their local shards
+    line up one to one. Call before building the optimizer (FSDP2 replaces parameters by
+    DTensors).
+    """
+    unique = list({id(m): m for m in parts.values()}.values())
+    for module in unique:
+        module.to(env.device)
     from dinosys.models import vit
 
-    if cfg.activation_checkpointing:
-        vit.apply_activation_checkpointing(backbone)
-    if cfg.compile:
-        vit.compile_blocks(backbone)
-
-
-def shard_model(parts: Mapping[str, nn.Module], mesh, cfg: DistConfig,
-                backbone_key: str = "backbone") -> None:
-    """``fully_shard`` each backbone block, each distinct head, then the backbone root."""
+    for module in unique:
+        if _blocks(module) is None:
+            continue
+        if cfg.pack_tokens:
+            vit.enable_token_packing(module)
+        if trainable and cfg.activation_checkpointing:
+            vit.apply_activation_checkpointing(module)
+        if cfg.compile:
+            vit.compile_blocks(module)
+    if mesh is None:
+        return
     from torch.distributed.fsdp import fully_shard
 
     mp = mixed_precision_policy(cfg)
-    done: set[int] = set()
-    backbone = parts[backbone_key]
-    for block in backbone.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    for key, module in parts.items():
-        if key == backbone_key or id(module) in done:
-            continue
-        done.add(id(module))
+    with_blocks = [m for m in unique if _blocks(m) is not None]
+    for module in with_blocks:
+        for block in _blocks(module):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+    for module in unique:
+        if _blocks(module) is None:
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+    for module in with_blocks:
         fully_shard(module, mesh=mesh, mp_policy=mp)
-    fully_shard(backbone, mesh=mesh, mp_policy=mp)
-
-
-def prepare_for_training(student: Mapping[str, nn.Module], teacher: Mapping[str, nn.Module],
-                         env: DistEnv, cfg: DistConfig) -> None:
-    """Move to the device; token packing on both backbones, AC + compile on the student
-    backbone (compile on the teacher's too); FSDP2 both models identically.
-
-    Call after the teacher was initialised as a copy of the student and before building the
-    optimizer (FSDP2 replaces parameters by DTensors in place of the originals).
-    """
-    for module in {id(m): m for m in (*student.values(), *teacher.values())}.values():
-        module.to(env.device)
-    if cfg.pack_tokens:
-        from dinosys.models import vit
-
-        vit.enable_token_packing(student["backbone"])
-        vit.enable_token_packing(teacher["backbone"])
-    apply_ac_and_compile(student["backbone"], cfg)
-    if cfg.compile:
-        from dinosys.models import vit
-
-        vit.compile_blocks(teacher["backbone"])
-    mesh = build_mesh(env, cfg)
-    if mesh is None:
-        return
-    shard_model(student, mesh, cfg)
-    shard_model(teacher, mesh, cfg)
-    log.info("FSDP2 (%s) over %d ranks, params %s, reduce %s",
-             "sharded" if cfg.fsdp else "replicated", env.world_size, cfg.param_dtype,
-             cfg.reduce_dtype)
+    log.info("FSDP2 (%s) of %s over %d ranks, params %s, reduce %s",
+             "sharded" if cfg.fsdp else "replicated", ", ".join(parts), env.world_size,
+             cfg.param_dtype, cfg.reduce_dtype)
 
 
 def is_fsdp(module: nn.Module) -> bool:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
-from dinosys.config import TrainConfig
 from dinosys.distributed.env import DistEnv
+
+if TYPE_CHECKING:
+    from dinosys.train.tasks.ssl import SSLConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class Layout:
     estimate_gib: float | None = None
 
 
-def _param_count(cfg: TrainConfig) -> tuple[int, int]:
+def _param_count(cfg: SSLConfig) -> tuple[int, int]:
     """(backbone, heads) trainable parameter counts, built on the meta device."""
     from dinosys.models import backbone_from_config
     from dinosys.models.heads import build_heads
@@ -51,7 +54,7 @@ def _param_count(cfg: TrainConfig) -> tuple[int, int]:
             sum(p.numel() for m in heads for p in m.parameters()))
 
 
-def estimate_step_memory_gib(cfg: TrainConfig, activation_checkpointing: bool) -> float:
+def estimate_step_memory_gib(cfg: SSLConfig, activation_checkpointing: bool) -> float:
     """Estimated peak device memory of one single-device training step, in GiB."""
     from dinosys.models import resolve_config
     from dinosys.models.flops import branch_batch, drop_path_rates
@@ -82,7 +85,7 @@ def estimate_step_memory_gib(cfg: TrainConfig, activation_checkpointing: bool) -
     return (state + saved + heads) / GIB
 
 
-def choose_single_device_layout(cfg: TrainConfig, env: DistEnv,
+def choose_single_device_layout(cfg: SSLConfig, env: DistEnv,
                                 device_memory_gib: float | None = None) -> Layout:
     """The layout of a one-process run: never FSDP2; activation checkpointing only when the
     step would not fit without it. Several ranks, or a CPU (no memory to size against), keep
@@ -106,7 +109,7 @@ def choose_single_device_layout(cfg: TrainConfig, env: DistEnv,
                   f"checkpointing > {budget:.0f} GiB usable; with it ~{with_ac:.0f} GiB", with_ac)
 
 
-def apply_single_device_layout(cfg: TrainConfig, env: DistEnv) -> tuple[TrainConfig, Layout]:
+def apply_single_device_layout(cfg: SSLConfig, env: DistEnv) -> tuple[SSLConfig, Layout]:
     """``cfg`` with the chosen one-device layout (logged; unchanged on several ranks), and the
     layout with its reason."""
     layout = choose_single_device_layout(cfg, env)

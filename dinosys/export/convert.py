@@ -16,10 +16,9 @@ import re
 import torch
 from torch import Tensor, nn
 
-from dinosys.config import BackboneConfig
 from dinosys.errors import UserError
 from dinosys.models.layers import swiglu_hidden_dim
-from dinosys.models.vit import ARCHS, REGISTER_SUFFIX, resolve_config
+from dinosys.models.vit import ARCHS, REGISTER_SUFFIX, BackboneConfig, resolve_config
 
 StateDict = dict[str, Tensor]
 

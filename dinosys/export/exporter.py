@@ -1,16 +1,17 @@
-"""``dinosys export``: a backbone to a directory other tools load as-is.
+"""``dinosys export`` and every end-of-run export: one path, :func:`export_model`.
 
-Layout (written atomically): ``model.safetensors``, ``config.json``, ``README.md`` (native,
-always written: ``dinosys.export.load`` reads them) and, per requested format,
+Layout (written atomically): ``model.safetensors``, ``config.json`` (with ``model_type``),
+``README.md`` (native, always written: ``dinosys.export.load`` reads them) and, per requested
+format (the ``EXPORTERS`` registry, by model type; the backbone formats are registered here),
 ``timm/`` (timm layout + timm ``config.json``: ``timm.create_model('local-dir:DIR/timm',
 pretrained=True)``), ``hf/`` (``Dinov2Model`` / ``Dinov2WithRegistersModel`` config + weights +
 image-processor config: ``AutoModel.from_pretrained(DIR/hf)``), ``onnx/model.onnx`` (input
 ``pixel_values`` at the native size, dynamic batch; outputs ``cls_token``, ``patch_tokens``).
 Each format, native included, is checked after writing by loading it exactly as the model card
 tells a user to (``dinosys.export.load``, timm ``local-dir:``, ``AutoModel.from_pretrained``, an
-onnxruntime session) and comparing its features with our model's on random images: the maximum
-absolute difference is reported in the summary, and an export whose features differ by more
-than ``CHECK_TOLERANCE`` (relative to the feature scale) fails.
+onnxruntime session) and comparing with our model: the maximum absolute difference is reported
+in the summary, and an export that differs by more than ``CHECK_TOLERANCE`` (relative to the
+feature scale a check reports) fails.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from torch import nn
 from dinosys.atomic import atomic_directory
 from dinosys.errors import UserError
 from dinosys.export import convert
-from dinosys.export.native import FORMAT_NAME, write_native
+from dinosys.export.native import FORMAT_NAMES, write_native
+from dinosys.export.registry import EXPORTERS, Exporter, model_type_of, register_exporter
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("native", "timm", "hf", "onnx")
 ONNX_OPSET = 17
 CHECK_TOLERANCE = 1e-3
 
@@ -50,9 +51,14 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def export_timm(backbone: nn.Module, out: Path, config: dict) -> dict:
-    """``out/timm``: weights in timm's layout and a timm ``config.json``; checked by loading it
-    the way the model card says (``timm.create_model('local-dir:DIR/timm', pretrained=True)``).
+def _scale(ref: dict) -> float:
+    """The feature scale a backbone check's tolerance is relative to."""
+    return 1.0 + max(float(ref["x_norm_clstoken"].abs().max()),
+                     float(ref["x_norm_patchtokens"].abs().max()))
+
+
+def write_timm(backbone: nn.Module, out: Path, config: dict) -> None:
+    """``out/timm``: weights in timm's layout and a timm ``config.json``.
 
     The timm model the weights are converted into is itself built from the written config
     (``local-dir:``, not pretrained), so the file holds exactly the keys that a user's load
@@ -87,21 +93,30 @@ def export_timm(backbone: nn.Module, out: Path, config: dict) -> dict:
     sub = out / "timm"
     sub.mkdir()
     (sub / "config.json").write_text(json.dumps(timm_cfg, indent=2) + "\n")
-    source = f"local-dir:{sub}"
-    skeleton = timm.create_model(source, pretrained=False)
+    skeleton = timm.create_model(f"local-dir:{sub}", pretrained=False)
     convert.load_into_timm(backbone.state_dict(), skeleton)
     state = {k: v.detach().contiguous() for k, v in skeleton.state_dict().items()}
     save_file(state, str(sub / "model.safetensors"), metadata={"format": "pt"})
+
+
+def check_timm(backbone: nn.Module, out: Path, config: dict) -> dict:
+    """Load ``out/timm`` the way the model card says
+    (``timm.create_model('local-dir:DIR/timm', pretrained=True)``) and compare features."""
+    from dinosys.export.compat import import_timm
+
+    sub = out / "timm"
+    source = f"local-dir:{sub}"
     try:
-        timm_model = timm.create_model(source, pretrained=True).eval()
+        timm_model = import_timm().create_model(source, pretrained=True).eval()
     except RuntimeError as exc:  # a key mismatch: the export would not load for its users
         raise RuntimeError(f"the timm export does not load with create_model('{source}', "
                            f"pretrained=True): {exc}") from exc
     x, ref = _probe(backbone)
     with torch.no_grad():
         feats = timm_model.forward_features(x)
-    return {"architecture": name, "loaded_with": "timm.create_model('local-dir:DIR/timm', "
-            "pretrained=True)",
+    return {"architecture": json.loads((sub / "config.json").read_text())["architecture"],
+            "loaded_with": "timm.create_model('local-dir:DIR/timm', pretrained=True)",
+            "scale": _scale(ref),
             "max_abs_diff": max(_max_diff(feats[:, 0], ref["x_norm_clstoken"]),
                                 _max_diff(feats[:, timm_model.num_prefix_tokens:],
                                           ref["x_norm_patchtokens"]))}
@@ -125,8 +140,8 @@ def _hf_image_processor(backbone: nn.Module, config: dict) -> dict:
     }
 
 
-def export_hf(backbone: nn.Module, out: Path, config: dict) -> dict:
-    """``out/hf``: Dinov2(WithRegisters)Model config + 4.x-named weights; checked if possible."""
+def write_hf(backbone: nn.Module, out: Path, config: dict) -> None:
+    """``out/hf``: Dinov2(WithRegisters)Model config + 4.x-named weights + image processor."""
     sub = out / "hf"
     sub.mkdir()
     state = convert.to_hf_state_dict(backbone.state_dict(), backbone.cfg)
@@ -137,20 +152,26 @@ def export_hf(backbone: nn.Module, out: Path, config: dict) -> dict:
     (sub / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     (sub / "preprocessor_config.json").write_text(
         json.dumps(_hf_image_processor(backbone, config), indent=2) + "\n")
+
+
+def check_hf(backbone: nn.Module, out: Path, config: dict) -> dict:
+    """``AutoModel.from_pretrained(out/hf)`` and compare (unchecked without transformers)."""
+    sub = out / "hf"
+    architecture = json.loads((sub / "config.json").read_text())["architectures"][0]
     try:
         from dinosys.export.compat import import_transformers
 
         tf = import_transformers()
     except ImportError:
         log.warning("transformers not installed: hf export written but not checked")
-        return {"architecture": hf_cfg["architectures"][0], "max_abs_diff": None}
+        return {"architecture": architecture, "max_abs_diff": None}
     hf_model = tf.AutoModel.from_pretrained(str(sub)).eval()  # as the model card says
     x, ref = _probe(backbone)
     with torch.no_grad():
         hidden = hf_model(pixel_values=x).last_hidden_state
     r = backbone.num_register_tokens
-    return {"architecture": hf_cfg["architectures"][0],
-            "loaded_with": "transformers.AutoModel.from_pretrained(DIR/hf)",
+    return {"architecture": architecture,
+            "loaded_with": "transformers.AutoModel.from_pretrained(DIR/hf)", "scale": _scale(ref),
             "max_abs_diff": max(_max_diff(hidden[:, 0], ref["x_norm_clstoken"]),
                                 _max_diff(hidden[:, 1 + r:], ref["x_norm_patchtokens"]))}
 
@@ -167,15 +188,14 @@ class _OnnxFeatures(nn.Module):
         return out["x_norm_clstoken"], out["x_norm_patchtokens"]
 
 
-def export_onnx(backbone: nn.Module, out: Path) -> dict:
-    """``out/onnx/model.onnx`` at the native image size (dynamic batch); checked with
-    onnxruntime when installed."""
+def write_onnx(backbone: nn.Module, out: Path, config: dict) -> None:
+    """``out/onnx/model.onnx`` at the native image size (dynamic batch)."""
     sub = out / "onnx"
     sub.mkdir()
     model = copy.deepcopy(backbone).eval()
     model.set_attn_backend("math")  # plain matmul/softmax: exports on every opset and runtime
     wrapper = _OnnxFeatures(model)
-    x, ref = _probe(backbone)
+    x, _ = _probe(backbone)
     path = sub / "model.onnx"
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -190,6 +210,12 @@ def export_onnx(backbone: nn.Module, out: Path) -> dict:
     except ImportError as exc:
         raise UserError(f"export format 'onnx' needs the onnx package ({exc}); "
                         "pip install 'dinosys[export]'") from exc
+
+
+def check_onnx(backbone: nn.Module, out: Path, config: dict) -> dict:
+    """Run ``out/onnx/model.onnx`` with onnxruntime and compare (unchecked without it)."""
+    path = out / "onnx" / "model.onnx"
+    x, ref = _probe(backbone)
     result: dict = {"file": "onnx/model.onnx", "opset": ONNX_OPSET,
                     "input_size": list(x.shape[1:]), "max_abs_diff": None}
     try:
@@ -199,43 +225,41 @@ def export_onnx(backbone: nn.Module, out: Path) -> dict:
         return result
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     result["loaded_with"] = "onnxruntime.InferenceSession(DIR/onnx/model.onnx)"
+    result["scale"] = _scale(ref)
     cls, patches = session.run(None, {"pixel_values": x.numpy()})
     result["max_abs_diff"] = max(_max_diff(torch.from_numpy(cls), ref["x_norm_clstoken"]),
                                  _max_diff(torch.from_numpy(patches), ref["x_norm_patchtokens"]))
     return result
 
 
-def check_native(backbone: nn.Module, out: Path) -> dict:
-    """Load the native files with ``dinosys.export.load`` (as the model card says) and compare."""
+for _exporter in (
+        Exporter("timm", ("vit_backbone",), write_timm, check_timm),
+        Exporter("hf", ("vit_backbone",), write_hf, check_hf),
+        Exporter("onnx", ("vit_backbone",), write_onnx, check_onnx)):
+    register_exporter(_exporter)
+
+
+def check_native(model: nn.Module, out: Path) -> dict:
+    """Load the native files with ``dinosys.export.load`` (as the model card says), whatever
+    the model type, and compare every weight with the model's."""
     from dinosys.export.loading import load_exported
 
-    loaded = load_exported(out)
-    x, ref = _probe(backbone)
-    with torch.no_grad():
-        got = loaded(x)
-    return {"loaded_with": "dinosys.export.load(DIR)",
-            "max_abs_diff": max(_max_diff(got["x_norm_clstoken"], ref["x_norm_clstoken"]),
-                                _max_diff(got["x_norm_patchtokens"], ref["x_norm_patchtokens"]))}
+    loaded = load_exported(out).state_dict()
+    ref = model.state_dict()
+    if loaded.keys() != ref.keys():
+        raise RuntimeError(f"export check failed: the native export loads with other weights "
+                           f"({sorted(set(loaded) ^ set(ref))[:3]})")
+    diff = max((_max_diff(loaded[k], v) for k, v in ref.items() if v.numel()), default=0.0)
+    return {"loaded_with": "dinosys.export.load(DIR)", "max_abs_diff": diff}
 
 
-def _enforce_checks(checks: dict[str, dict], backbone: nn.Module) -> None:
-    """Fail the export (nothing is written) when a format's features differ from ours."""
-    _, ref = _probe(backbone)
-    scale = 1.0 + max(float(ref["x_norm_clstoken"].abs().max()),
-                      float(ref["x_norm_patchtokens"].abs().max()))
+def _enforce_checks(checks: dict[str, dict]) -> None:
+    """Fail the export (nothing is written) when a format differs from the model."""
     for fmt, check in checks.items():
         diff = check.get("max_abs_diff")
-        if diff is not None and not diff <= CHECK_TOLERANCE * scale:
+        if diff is not None and not diff <= CHECK_TOLERANCE * check.get("scale", 1.0):
             raise RuntimeError(f"export check failed: the {fmt} export loaded as its model card "
                                f"says gives features that differ by {diff:.3g} from the model's")
-
-
-def _resolve_formats(formats: list[str]) -> list[str]:
-    wanted = [f.strip().lower() for f in formats if f.strip()]
-    unknown = [f for f in wanted if f not in FORMATS]
-    if unknown:
-        raise UserError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
-    return ["native"] + [f for f in FORMATS[1:] if f in wanted]
 
 
 def is_dinosys_export(path: Path) -> bool:
@@ -244,7 +268,7 @@ def is_dinosys_export(path: Path) -> bool:
         data = json.loads((path / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and data.get("format") == FORMAT_NAME
+    return isinstance(data, dict) and data.get("format") in FORMAT_NAMES
 
 
 def check_export_target(out: Path) -> Path:
@@ -266,31 +290,43 @@ def check_export_target(out: Path) -> Path:
     return out
 
 
+def _resolve_formats(formats: list[str], model_type: str) -> list[str]:
+    wanted = [f.strip().lower() for f in formats if f.strip()]
+    known = ["native", *EXPORTERS]
+    unknown = [f for f in wanted if f not in known]
+    if unknown:
+        raise UserError(f"unknown export format(s) {unknown}; choose from {known}")
+    unsupported = [f for f in wanted if f != "native"
+                   and model_type not in EXPORTERS[f].model_types]
+    if unsupported:
+        raise UserError(f"export format(s) {unsupported} do not support model type "
+                        f"'{model_type}'")
+    return ["native"] + [f for f in EXPORTERS if f in wanted]
+
+
 def export_model(model: str | Path | nn.Module, out: Path, formats: list[str],
                  card: dict | None = None) -> dict:
-    """Export a backbone (a path ``dinosys.export.load`` accepts, or a module) to ``out``.
-
-    The native files are always written; ``formats`` adds timm, hf, onnx. Returns a summary
-    (paths, parameter count, per-format check results).
-    """
+    """Export a model (a path ``dinosys.export.load`` accepts, or a module) to ``out``: the
+    native files always, plus each of ``formats`` its model type supports, each checked after
+    writing. Returns a summary (paths, model type, parameter count, per-format checks)."""
     from dinosys.export.loading import load
 
-    wanted = _resolve_formats(list(formats))
     out = check_export_target(out)
-    backbone = model if isinstance(model, nn.Module) else load(model)
-    backbone = backbone.eval().cpu()
+    model = model if isinstance(model, nn.Module) else load(model)
+    model = model.eval().cpu()
+    model_type = model_type_of(model)
+    wanted = _resolve_formats(list(formats), model_type)
     checks: dict[str, dict] = {}
     with atomic_directory(out) as tmp:
-        config = write_native(backbone, tmp, card, wanted)
-        checks["native"] = check_native(backbone, tmp)
-        if "timm" in wanted:
-            checks["timm"] = export_timm(backbone, tmp, config)
-        if "hf" in wanted:
-            checks["hf"] = export_hf(backbone, tmp, config)
-        if "onnx" in wanted:
-            checks["onnx"] = export_onnx(backbone, tmp)
-        _enforce_checks(checks, backbone)
+        config = write_native(model, tmp, card, wanted)
+        checks["native"] = check_native(model, tmp)
+        for name in wanted[1:]:
+            EXPORTERS[name].write(model, tmp, config)
+            checks[name] = EXPORTERS[name].check(model, tmp, config)
+        _enforce_checks(checks)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    log.info("exported %s to %s (%s)", config["architecture"]["arch"], out, ", ".join(wanted))
-    return {"out": str(out), "formats": wanted, "arch": config["architecture"]["arch"],
-            "num_parameters": config["num_parameters"], "files": files, "checks": checks}
+    log.info("exported a %s to %s (%s)", model_type, out, ", ".join(wanted))
+    arch = config.get("architecture", {})
+    return {"out": str(out), "formats": wanted, "model_type": model_type,
+            "arch": arch.get("arch") if isinstance(arch, dict) else None,
+            "num_parameters": config.get("num_parameters"), "files": files, "checks": checks}

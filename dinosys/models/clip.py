@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinosys.config import BackboneConfig, check_choice, check_range
+from dinosys.config import check_choice, check_range
 from dinosys.errors import UserError
 from dinosys.losses.clip import LOGIT_SCALE_INIT
 from dinosys.models.block import Block
 from dinosys.models.layers import swiglu_hidden_dim
 from dinosys.models.text import TextConfig, TextTransformer
-from dinosys.models.vit import DinoVisionTransformer, backbone_from_config
+from dinosys.models.vit import BackboneConfig, DinoVisionTransformer, backbone_from_config
 
 LOCKED_PREFIX = "visual.locked."
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dinosys.config import BackboneConfig
+from dinosys.models.backbone_config import BackboneConfig
 from dinosys.models.layers import swiglu_hidden_dim
 
 

@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from dinosys.config import HeadConfig
+from dinosys.config import Section, check_choice
 
 LAST_LAYER_KINDS = ("weight_norm", "linear")
+
+
+@dataclass
+class HeadConfig(Section):
+    """DINO and iBOT projection heads."""
+
+    n_prototypes: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    last_layer: str = "weight_norm"  # weight_norm or linear
+    ibot_separate_head: bool = False
+    ibot_n_prototypes: int = 65536
+    ibot_hidden_dim: int = 2048
+    ibot_bottleneck_dim: int = 256
+
+    def validate(self) -> None:
+        check_choice(self.last_layer, ("weight_norm", "linear"), "heads.last_layer")
 
 
 class WeightNormLinear(nn.Module):

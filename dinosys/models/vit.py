@@ -9,6 +9,7 @@ Face ``Dinov2Model`` (see dinosys.export.convert).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -16,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinosys.config import BackboneConfig
 from dinosys.errors import ConfigError, UserError
+from dinosys.models.backbone_config import BackboneConfig
 from dinosys.models.block import Block
 from dinosys.models.flops import drop_path_rates
 from dinosys.models.layers import LayerScale, PatchEmbed, swiglu_hidden_dim
@@ -32,6 +33,9 @@ ARCHS: dict[str, tuple[int, int, int, int, str]] = {
 }
 REGISTER_SUFFIX = "_reg"
 DEFAULT_REGISTERS = 4
+_BLOCK_NAME = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_LAYER0_NAMES = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
+RELEASED_INTERPOLATE_OFFSET = 0.1  # DINOv2's non-register models: scale_factor=(n + 0.1) / M
 TINY_IMG_SIZE = 28  # vit_tiny's default pos-embed grid: 28x28 MNIST with patch 4 -> 7x7
 
 
@@ -57,6 +61,9 @@ def resolve_config(cfg: BackboneConfig) -> BackboneConfig:
         num_registers=(cfg.num_registers if cfg.num_registers is not None
                        else DEFAULT_REGISTERS if cfg.arch.endswith(REGISTER_SUFFIX) else 0),
     )
+    if out.interpolate_offset is None:
+        out = replace(out, interpolate_offset=0.0 if out.num_registers else
+                      RELEASED_INTERPOLATE_OFFSET)
     if out.embed_dim % out.num_heads:
         raise ConfigError(f"config key 'model.embed_dim': {out.embed_dim} is not divisible by "
                           f"model.num_heads={out.num_heads}")
@@ -71,6 +78,8 @@ def resolve_config(cfg: BackboneConfig) -> BackboneConfig:
 class DinoVisionTransformer(nn.Module):
     """ViT backbone; ``forward`` takes one image batch or a list of crops (see ``forward``)."""
 
+    model_type = "vit_backbone"  # what an exported directory's config.json names
+
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         cfg = resolve_config(cfg)
@@ -80,8 +89,10 @@ class DinoVisionTransformer(nn.Module):
         self.num_heads = cfg.num_heads
         self.num_register_tokens = cfg.num_registers
         self.n_blocks = cfg.depth
-        # register models were released with antialiased pos-embed interpolation
+        # released layouts: register models resize the pos-embed to an explicit size with
+        # antialias, the others by scale_factor (n + offset) / M without (see resolve_config)
         self.interpolate_antialias = cfg.num_registers > 0
+        self.interpolate_offset = cfg.interpolate_offset
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
         grid = cfg.img_size // cfg.patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
@@ -119,6 +130,22 @@ class DinoVisionTransformer(nn.Module):
                 elif isinstance(m, (nn.LayerNorm, LayerScale)):
                     m.reset_parameters()
 
+    # ------------------------------------------------------------------ layer groups
+    @property
+    def num_layers(self) -> int:
+        """Layer groups for layer-wise lr decay: embeddings (0), each block, the final norm."""
+        return self.n_blocks + 2
+
+    def layer_id(self, name: str) -> int:
+        """The layer group of parameter ``name``: 0 for the patch embedding, position embedding
+        and tokens, i + 1 for ``blocks.i``, ``num_layers - 1`` for the rest (final norm)."""
+        if any(key in name for key in _LAYER0_NAMES):
+            return 0
+        match = _BLOCK_NAME.search(name)
+        if match:
+            return int(match.group(1)) + 1
+        return self.n_blocks + 1
+
     def set_attn_backend(self, backend: str) -> None:
         """Switch every block's attention backend (auto, sdpa, xformers, math)."""
         self.cfg = replace(self.cfg, attn_backend=backend)  # __post_init__ checks the name
@@ -134,8 +161,17 @@ class DinoVisionTransformer(nn.Module):
         if h_patches == side and w_patches == side:
             return pos
         patch_pos = pos[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=(h_patches, w_patches), mode="bicubic",
-                                  align_corners=False, antialias=self.interpolate_antialias)
+        if self.interpolate_offset:
+            scale = ((h_patches + self.interpolate_offset) / side,
+                     (w_patches + self.interpolate_offset) / side)
+            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic",
+                                      align_corners=False, antialias=self.interpolate_antialias)
+        else:
+            patch_pos = F.interpolate(patch_pos, size=(h_patches, w_patches), mode="bicubic",
+                                      align_corners=False, antialias=self.interpolate_antialias)
+        if patch_pos.shape[-2:] != (h_patches, w_patches):
+            raise RuntimeError(f"pos-embed resized to {tuple(patch_pos.shape[-2:])}, expected "
+                               f"{(h_patches, w_patches)}")
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h_patches * w_patches, -1)
         return torch.cat([pos[:, :1], patch_pos.to(pos.dtype)], dim=1)
 

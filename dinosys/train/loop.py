@@ -1,5 +1,9 @@
-"""The training loop shared by every task: optimizer, schedules, EMA, clipping, non-finite step
-skipping, logging, checkpoint/resume, preemption and periodic kNN.
+"""The training loop shared by every task: optimizer, lr / weight-decay schedule, clipping,
+non-finite step skipping, logging, checkpoint/resume, preemption and periodic evaluators.
+
+Nothing here is task-specific: the task (:class:`~dinosys.train.tasks.base.TrainTask`) builds
+its modules, loader and parameter groups, prepares batches, computes the loss, runs its hooks
+around the optimizer step and reports batch size, FLOPs and its own scheduled values.
 """
 
 from __future__ import annotations
@@ -7,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,24 +19,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dinosys.config import TrainConfig
-from dinosys.data.gpu_augment import apply_photometric
 from dinosys.distributed.env import DistEnv
 from dinosys.distributed.fsdp import autocast_context, set_gradient_sync
 from dinosys.errors import UserError
+from dinosys.progress import progress_bar
 from dinosys.train.device_step import finite_flag, guarded_step, read_scalars
-from dinosys.train.ema import ema_pairs, ema_update
 from dinosys.train.metrics import MetricsWriter, peak_memory_gib, peak_tflops
-from dinosys.train.optim import (
-    apply_schedule,
-    build_optimizer,
-    build_param_groups,
-    clip_grad_per_module,
-    zero_last_layer_grads,
-)
+from dinosys.train.optim import apply_schedule, build_optimizer, clip_grad_per_module
+from dinosys.train.periodic_eval import PeriodicEvaluator
 from dinosys.train.preempt import PreemptionFlag
-from dinosys.train.schedules import TrainSchedules
-from dinosys.train.task import TrainTask
+from dinosys.train.schedules import LrSchedule
+from dinosys.train.tasks.base import RunConfig, TrainTask
 from dinosys.train.train_state import TrainState
 
 log = logging.getLogger(__name__)
@@ -50,40 +47,38 @@ class LoopResult:
     step: int
     nonfinite_steps: int = 0
     last: dict[str, Any] = field(default_factory=dict)
-    knn: dict[str, Any] | None = None
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # evaluator name -> result
 
 
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+def mean_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     """Average scalar metrics across ranks (one all-reduce)."""
-    if not values or not (dist.is_available() and dist.is_initialized()):
+    if not values or not env.is_distributed:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
-    t /= dist.get_world_size()
+    t /= env.world_size
     return dict(zip(keys, t.tolist()))
 
 
 class Trainer:
     """Runs ``task`` on ``loader`` for ``cfg`` (see :func:`dinosys.train.run.run_train`)."""
 
-    def __init__(self, task: TrainTask, loader: Any, cfg: TrainConfig, env: DistEnv,
+    def __init__(self, task: TrainTask, loader: Any, cfg: RunConfig, env: DistEnv,
                  run_dir: Path, total_steps: int, total_batch: int,
-                 knn_sets: tuple[Any, Any] | None = None) -> None:
+                 evaluators: Sequence[PeriodicEvaluator] = ()) -> None:
         self.task, self.loader, self.cfg, self.env = task, loader, cfg, env
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
         self.total_batch = total_batch
-        self.schedules = TrainSchedules(cfg.optim, cfg.loss, total_steps, total_batch)
-        modules = task.trainable_modules()
-        self.groups = build_param_groups(modules, task.backbone_depth(), cfg.optim)
+        self.schedule = LrSchedule(cfg.optim, total_steps, total_batch)
+        self.groups = task.param_groups()
         self.optimizer = build_optimizer(self.groups, cfg.optim)
-        self.ema = [ema_pairs(t, s) for t, s in task.ema_modules()]
         self.state = TrainState(task, self.optimizer, loader, self.run_dir / "checkpoints",
                                 cfg.checkpoint, env, cfg.seed)
         self.metrics = MetricsWriter(self.run_dir, env.is_main, cfg.log.tensorboard)
         self.peak = peak_tflops(env.device, cfg.log.peak_tflops, cfg.dist.param_dtype)
-        self.knn_sets = knn_sets
+        self.evaluators = list(evaluators)
         self.inject = Counter(cfg.debug_nonfinite_steps)
 
     # ------------------------------------------------------------------ one step
@@ -93,7 +88,7 @@ class Trainer:
         batches = [next(it) for _ in range(self.cfg.dist.grad_accum_steps)]
         return batches, time.perf_counter() - t0
 
-    def _forward_backward(self, batches: list[Any], sched, step: int
+    def _forward_backward(self, batches: list[Any], step: int
                           ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Forward + backward of every micro-batch. Returns (finite flag, logs), both on the
         device: nothing here waits for the device (dinosys.train.device_step)."""
@@ -102,10 +97,10 @@ class Trainer:
         ok = torch.ones((), device=self.env.device)
         logs: dict[str, Any] = {}
         for i, batch in enumerate(batches):
-            batch = apply_photometric(batch, self.env.device)  # data.gpu_augment: colour ops here
+            batch = self.task.prepare_batch(batch)
             set_gradient_sync(modules, i == n - 1)
             with autocast_context(self.env, self.cfg.dist):
-                out = self.task.forward_loss(batch, sched)
+                out = self.task.forward_loss(batch, step)
             loss = out["loss"]
             if i == 0 and self.inject[step] > 0:
                 self.inject[step] -= 1
@@ -120,29 +115,26 @@ class Trainer:
     def train_step(self, batches: list[Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """One optimisation step (with accumulation). Returns (applied, logs) as device tensors
         (read them with :func:`dinosys.train.device_step.read_scalars`, after the step); a
-        non-finite loss or gradient norm leaves weights, optimizer, EMA and task state as they
-        were, decided on the device where the optimizer is fused."""
-        sched = self.schedules.at(step)
-        apply_schedule(self.optimizer, sched.lr, sched.weight_decay, sched.last_layer_frozen)
+        non-finite loss or gradient norm leaves weights, optimizer and task state as they were,
+        decided on the device where the optimizer is fused."""
+        apply_schedule(self.optimizer, self.schedule.lr(step), self.schedule.weight_decay(step))
         saved_task_state = {k: v.clone() for k, v in self.task.extra_state().items()}
         self.optimizer.zero_grad(set_to_none=True)
-        ok, logs = self._forward_backward(batches, sched, step)
-        modules = self.task.trainable_modules()
-        if sched.last_layer_frozen:
-            zero_last_layer_grads(modules.values())
-        norms = clip_grad_per_module(modules, self.cfg.optim.clip_grad)
+        ok, logs = self._forward_backward(batches, step)
+        self.task.before_optimizer_step(step)
+        norms = clip_grad_per_module(self.task.trainable_modules(), self.cfg.optim.clip_grad)
         for norm in norms.values():
             ok = ok * finite_flag(norm)
         logs.update({f"grad_norm/{k}": v for k, v in norms.items()})
         guarded_step(self.optimizer, ok)
         self.optimizer.zero_grad(set_to_none=True)
-        for t_list, s_list in self.ema:
-            ema_update(t_list, s_list, sched.momentum, apply=ok)
+        self.task.after_optimizer_step(step, ok)
         if saved_task_state:  # a skipped step keeps the task state (centres) it started with
             current = self.task.extra_state()
             self.task.load_extra_state({k: torch.where(ok > 0, current[k], v)
                                         for k, v in saved_task_state.items()})
-        logs.update(sched.as_dict())
+        logs.update(self.schedule.at(step))
+        logs.update(self.task.schedule_values(step))
         return ok > 0, logs
 
     # ------------------------------------------------------------------ the loop
@@ -159,22 +151,21 @@ class Trainer:
             log.info("resumed from step %d", start)
         preempt = PreemptionFlag().install()
         it = iter(self.loader)
-        from tqdm import tqdm
-
-        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step",
-                   disable=not (self.env.is_main and cfg.log.progress), dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=start, desc="train", unit="step",
+                           disable=not (self.env.is_main and cfg.log.progress),
+                           dynamic_ncols=True)
         consecutive = skipped = 0
         last: dict[str, Any] = {}
-        knn_result = None
+        evals: dict[str, dict[str, Any]] = {}
         step = start
         window = {"t": 0.0, "wait": 0.0, "images": 0, "flops": 0.0}
         try:
             while step < self.total_steps:
-                if preempt.agreed(self.env.device):
+                if preempt.agreed(self.env):
                     log.warning("preemption (%s): saving a checkpoint at step %d",
                                 preempt.signal_name or "another rank", step)
                     self.state.save(step)
-                    return LoopResult("preempted", step, skipped, last, knn_result)
+                    return LoopResult("preempted", step, skipped, last, evals)
                 t0 = time.perf_counter()
                 batches, wait = self._micro_batches(it)
                 applied, logs = self.train_step(batches, step)
@@ -200,7 +191,7 @@ class Trainer:
                     continue
                 consecutive = 0
                 step += 1
-                n_img = sum(int(b["batch_size"]) for b in batches)
+                n_img = sum(self.task.batch_size(b) for b in batches)
                 window["t"] += dt
                 window["wait"] += wait
                 window["images"] += n_img
@@ -210,9 +201,9 @@ class Trainer:
                     last = self._log(step, logs, window, skipped)
                     bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}")
                     window = {"t": 0.0, "wait": 0.0, "images": 0, "flops": 0.0}
-                if (cfg.eval.knn_every_n_steps and self.knn_sets is not None
-                        and step % cfg.eval.knn_every_n_steps == 0):
-                    knn_result = self._periodic_knn(step)
+                for evaluator in self.evaluators:
+                    if step % evaluator.every_n_steps == 0:
+                        evals[evaluator.name] = self._evaluate(evaluator, step)
                 every = cfg.checkpoint.every_n_steps
                 if every and step % every == 0 and step < self.total_steps:
                     self.state.save(step)
@@ -222,11 +213,11 @@ class Trainer:
             bar.close()
             preempt.close()
             self.metrics.close()
-        return LoopResult("finished", step, skipped, last, knn_result)
+        return LoopResult("finished", step, skipped, last, evals)
 
     def _log(self, step: int, logs: dict[str, Any], window: dict[str, float],
              skipped: int) -> dict[str, Any]:
-        logs = mean_over_ranks(read_scalars(logs), self.env.device)
+        logs = mean_over_ranks(read_scalars(logs), self.env)
         world = self.env.world_size
         t = max(window["t"], 1e-9)
         flops = window["flops"] * world
@@ -241,14 +232,8 @@ class Trainer:
         log.debug("step %d %s", step, record)
         return record
 
-    def _periodic_knn(self, step: int) -> dict[str, Any]:
-        from dinosys.eval.knn import knn_eval_module
-
-        train, val = self.knn_sets
-        result = knn_eval_module(self.task.export_backbone(), train, val,
-                                 self.cfg.eval.knn_k, self.cfg.eval.knn_temperature,
-                                 device=self.env.device)
-        record = {"step": step, **{f"knn_top1/{k}": v for k, v in result["top1"].items()}}
-        self.metrics.write(record)
-        log.info("step %d kNN top-1 %s", step, result["top1"])
-        return result
+    def _evaluate(self, evaluator: PeriodicEvaluator, step: int) -> dict[str, Any]:
+        metrics = evaluator(self.task, step)
+        self.metrics.write({"step": step, **metrics})
+        log.info("step %d %s %s", step, evaluator.name, metrics)
+        return evaluator.last if evaluator.last is not None else dict(metrics)

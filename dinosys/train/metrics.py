@@ -7,12 +7,25 @@ import logging
 import math
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dinosys.config import Section
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class LogConfig(Section):
+    """Per-step metrics."""
+
+    every_n_steps: int = 10
+    tensorboard: bool = False
+    peak_tflops: float | None = None  # per device; None: by exact GPU name + dtype (metrics)
+    progress: bool = True
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s by the exact name torch.cuda.get_device_name
 # reports, per compute dtype: bf16/fp16 tensor cores, tf32 (fp32 matmuls with TF32 allowed),

@@ -1,22 +1,43 @@
-"""AdamW parameter groups of DINOv2: layer-wise lr decay, no weight decay on biases, norms,
-LayerScale and tokens, a smaller lr for the patch embedding, a frozen head last layer early on,
-and gradient clipping per module.
+"""AdamW for every task: parameter groups with layer-wise lr decay driven by the model (a module
+declares ``num_layers`` and ``layer_id(name)``), no weight decay on biases, norms, LayerScale and
+tokens, a smaller lr for the patch embedding, and gradient clipping per module.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from dinosys.config import OptimConfig
+from dinosys.config import Section, check_choice
 
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-_LAYER0 = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
 _NO_WD_NAMES = ("pos_embed", "cls_token", "register_tokens", "mask_token")
+
+
+@dataclass
+class OptimConfig(Section):
+    """AdamW, the lr / weight-decay schedules (in "epochs" of ``iters_per_epoch`` steps), layer-wise
+    lr decay (the model declares its layers) and gradient clipping: every task's optimiser."""
+
+    base_lr: float = 4e-3
+    lr_scaling: str = "sqrt"  # sqrt, linear or none, relative to reference_batch
+    reference_batch: int = 1024
+    min_lr: float = 1e-6
+    epochs: int = 100
+    iters_per_epoch: int = 1250
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        check_choice(self.lr_scaling, ("sqrt", "linear", "none"), "optim.lr_scaling")
 
 
 @dataclass(frozen=True)
@@ -25,50 +46,56 @@ class ParamRule:
 
     lr_mult: float
     wd_mult: float
-    is_last_layer: bool
 
 
-def backbone_layer_id(name: str, depth: int) -> int:
-    """0 for the embeddings and tokens, i+1 for ``blocks.i``, depth+1 for the rest (final norm)."""
-    if any(key in name for key in _LAYER0):
-        return 0
-    match = _BLOCK.search(name)
-    if match:
-        return int(match.group(1)) + 1
-    return depth + 1
+def module_layers(module: nn.Module) -> tuple[int, Callable[[str], int]] | None:
+    """``(top layer id, name -> layer id)`` when ``module`` declares its layers (``num_layers``
+    and ``layer_id(param_name)``, like timm's ``group_matcher``), else None (a head: every
+    parameter at the top layer)."""
+    layer_id = getattr(module, "layer_id", None)
+    num_layers = getattr(module, "num_layers", None)
+    if layer_id is None or num_layers is None:
+        return None
+    return int(num_layers) - 1, layer_id
 
 
-def param_rule(name: str, param: nn.Parameter, *, is_backbone: bool, depth: int,
+def param_rule(name: str, param: nn.Parameter, layer: int, top: int, layered: bool,
                cfg: OptimConfig) -> ParamRule:
-    """The lr / wd multipliers of one named parameter (DINOv2's ``get_params_groups`` rules)."""
-    layer = backbone_layer_id(name, depth) if is_backbone else depth + 1
-    lr_mult = cfg.layerwise_decay ** (depth + 1 - layer)
-    if is_backbone and "patch_embed" in name:
+    """The lr / wd multipliers of one named parameter at ``layer`` of ``top``: layer-wise lr
+    decay, the patch-embedding multiplier, no weight decay on biases, norms, LayerScale, tokens
+    and 1-D parameters (DINOv2's ``get_params_groups`` rules)."""
+    lr_mult = cfg.layerwise_decay ** (top - layer)
+    if layered and "patch_embed" in name:
         lr_mult *= cfg.patch_embed_lr_mult
     no_wd = (name.endswith("bias") or "norm" in name or "gamma" in name or param.ndim <= 1
              or any(key in name for key in _NO_WD_NAMES))
-    return ParamRule(lr_mult=lr_mult, wd_mult=0.0 if no_wd else 1.0,
-                     is_last_layer="last_layer" in name)
+    return ParamRule(lr_mult=lr_mult, wd_mult=0.0 if no_wd else 1.0)
 
 
-def build_param_groups(modules: Mapping[str, nn.Module], depth: int, cfg: OptimConfig,
-                       backbone_key: str = "backbone") -> list[dict]:
-    """AdamW groups over the trainable parameters of ``modules`` (the backbone under
-    ``backbone_key``; every other module is a head at the top layer). Parameters sharing the same
-    multipliers share one group; each group carries ``lr_mult``, ``wd_mult``, ``is_last_layer``.
+def build_param_groups(modules: Mapping[str, nn.Module], cfg: OptimConfig) -> list[dict]:
+    """AdamW groups over the trainable parameters of ``modules``. A module that declares its
+    layers (see :func:`module_layers`) gets layer-wise lr decay; the others are heads at the
+    top layer of the deepest declared module. Parameters sharing the same multipliers share one
+    group; each group carries ``lr_mult``, ``wd_mult`` and the parameter ``names``.
     """
+    layered = {key: module_layers(m) for key, m in modules.items()}
+    top = max((info[0] for info in layered.values() if info is not None), default=0)
     groups: dict[ParamRule, dict] = {}
     seen: set[int] = set()
     for key, module in modules.items():
+        info = layered[key]
         for name, param in module.named_parameters():
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            rule = param_rule(name, param, is_backbone=key == backbone_key, depth=depth, cfg=cfg)
-            group = groups.setdefault(rule, {
-                "params": [], "names": [], "lr_mult": rule.lr_mult, "wd_mult": rule.wd_mult,
-                "is_last_layer": rule.is_last_layer,
-            })
+            if info is None:
+                layer, module_top = top, top
+            else:
+                module_top, layer_of = info
+                layer = layer_of(name)
+            rule = param_rule(name, param, layer, module_top, info is not None, cfg)
+            group = groups.setdefault(rule, {"params": [], "names": [], "lr_mult": rule.lr_mult,
+                                             "wd_mult": rule.wd_mult})
             group["params"].append(param)
             group["names"].append(f"{key}.{name}")
     return list(groups.values())
@@ -96,21 +123,11 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
                              weight_decay=0.0, **({"fused": True} if fused else {"foreach": True}))
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
-                   last_layer_frozen: bool) -> None:
+def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     """Set each group's lr and weight decay from the scheduled values and its multipliers."""
     for group in optimizer.param_groups:
-        frozen = last_layer_frozen and group["is_last_layer"]
-        group["lr"] = 0.0 if frozen else lr * group["lr_mult"]
+        group["lr"] = lr * group["lr_mult"]
         group["weight_decay"] = weight_decay * group["wd_mult"]
-
-
-def zero_last_layer_grads(modules: Iterable[nn.Module]) -> None:
-    """Drop the gradients of the heads' last layers (frozen during the first epochs)."""
-    for module in modules:
-        for name, param in module.named_parameters():
-            if "last_layer" in name:
-                param.grad = None
 
 
 def clip_grad_per_module(modules: Mapping[str, nn.Module], max_norm: float

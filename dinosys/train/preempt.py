@@ -8,6 +8,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from dinosys.distributed.env import DistEnv
+
 log = logging.getLogger(__name__)
 
 PREEMPT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -40,10 +42,10 @@ class PreemptionFlag:
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self, env: DistEnv) -> bool:
         """True on every rank when any rank was signalled (all-reduce max of the flag)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not env.is_distributed:
             return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=env.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)

@@ -1,4 +1,5 @@
-"""`dinosys train`: set up the process, the task, the data and the loop; export at the end."""
+"""`dinosys train|clip|distill`: set up the process, the task, the data and the loop; export
+every model the task names at the end (``RUN/export/<name>/``)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from typing import Any
 
 import torch
 
-from dinosys.config import TrainConfig, save_config
+from dinosys.config import save_config
 from dinosys.distributed.env import DistEnv, init_distributed, seed_everything
-from dinosys.distributed.fsdp import prepare_for_training
-from dinosys.distributed.layout import apply_single_device_layout
 from dinosys.errors import UserError
 from dinosys.train.loop import LoopResult, Trainer
-from dinosys.train.ssl_task import SSLTask, check_finite_config
+from dinosys.train.periodic_eval import build_periodic_evaluators
+from dinosys.train.tasks import build_task, get_task
+from dinosys.train.tasks.base import RunConfig, TrainTask
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,16 @@ _BUILTIN_PATH = re.compile(rf"^(?P<root>.*?)/?(?:shards/)?(?P<set>{'|'.join(BUIL
                            r"(?:/(?:train|val))?/?$")
 
 
-def total_steps_of(cfg: TrainConfig) -> int:
+def total_steps_of(cfg: RunConfig) -> int:
     """``max_steps`` if set, else ``optim.epochs * optim.iters_per_epoch``."""
-    steps = cfg.max_steps
-    if steps is None:
-        steps = cfg.optim.epochs * cfg.optim.iters_per_epoch
+    steps = cfg.total_steps()
     if steps < 1:
         raise UserError(f"training needs at least one step (max_steps={cfg.max_steps}, "
                         f"optim.epochs={cfg.optim.epochs})")
     return int(steps)
 
 
-def ensure_builtin_sources(cfg: TrainConfig, env: DistEnv) -> None:
+def ensure_builtin_sources(cfg: RunConfig, env: DistEnv) -> None:
     """Build the embedded data when a data source or a periodic-kNN folder points into a missing
     builtin folder under ``data.builtin_root`` (``<root>/mnist/train``, ``<root>/shards/mnist``
     ...), on rank 0; others wait. A missing path anywhere else is "not found", even when it
@@ -71,7 +70,7 @@ def ensure_builtin_sources(cfg: TrainConfig, env: DistEnv) -> None:
     env.barrier()
 
 
-def configure_cpu_threads(cfg: TrainConfig, env: DistEnv) -> int:
+def configure_cpu_threads(cfg: RunConfig, env: DistEnv) -> int:
     """On CPU, one intra-op thread per core left after the data workers of every local rank.
 
     Oversubscribed OpenMP threads spin against each other and the loader workers: on a
@@ -96,41 +95,29 @@ def _setup_logging(env: DistEnv) -> None:
     logging.getLogger("dinosys").setLevel(level)
 
 
-def _knn_sets(cfg: TrainConfig, size: int) -> tuple[Any, Any] | None:
-    ev = cfg.eval
-    if not ev.knn_every_n_steps:
-        return None
-    if not (ev.knn_train and ev.knn_val):
-        raise UserError("eval.knn_every_n_steps > 0 needs eval.knn_train and eval.knn_val "
-                        "(image folders DIR/<class>/<image>)")
-    from dinosys.eval.images import load_image_folder
-
-    return (load_image_folder(Path(ev.knn_train), size, cfg.crops.mean, cfg.crops.std),
-            load_image_folder(Path(ev.knn_val), size, cfg.crops.mean, cfg.crops.std))
-
-
-def export_teacher(task: SSLTask, cfg: TrainConfig, run_dir: Path, env: DistEnv,
-                   card: dict) -> Path | None:
-    """Gather the teacher backbone (collective) and write ``run_dir/export`` on rank 0."""
-    import dataclasses
-
+def export_task(task: TrainTask, run_dir: Path, env: DistEnv, card: dict) -> dict[str, str]:
+    """Gather each of the task's exports (collective) and write ``run_dir/export/<name>/``
+    through :func:`dinosys.export.exporter.export_model` on rank 0; returns name -> path."""
     from dinosys.distributed.sharded_checkpoint import consolidated_state_dict
-    from dinosys.export import save_native
-    from dinosys.models import backbone_from_config
+    from dinosys.export.exporter import export_model
 
-    state = consolidated_state_dict(task.export_backbone())
-    path = None
-    if env.is_main:
-        backbone = backbone_from_config(dataclasses.replace(cfg.model, drop_path_rate=0.0))
-        backbone.load_state_dict(state)
-        path = save_native(backbone.eval(), run_dir / "export", card=card)
+    paths: dict[str, str] = {}
+    for name, item in task.exports().items():
+        state = consolidated_state_dict(item.module)
+        out = run_dir / "export" / name
+        if env.is_main:
+            model = item.build()
+            model.load_state_dict(state)
+            export_model(model.eval(), out, formats=["native"],
+                         card={**card, **item.card, "exported": name})
+        paths[name] = str(out)
     env.barrier()
-    return path
+    return paths
 
 
-def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
-    """Train ``cfg`` into ``run_dir`` (single process, torchrun or Slurm); return a summary:
-    ``{"status": "finished" | "preempted", "step": N, "run_dir": ..., ...}``."""
+def run_train(cfg: RunConfig, run_dir: Path) -> dict:
+    """Train ``cfg`` (its ``task``) into ``run_dir`` (single process, torchrun or Slurm); return
+    a summary: ``{"status": "finished" | "preempted", "step": N, "run_dir": ..., ...}``."""
     env = init_distributed()
     try:
         return _run(cfg, Path(run_dir), env)
@@ -138,12 +125,9 @@ def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
         env.shutdown()
 
 
-def _run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
-    from dinosys.data.loader import build_ssl_loader
-
+def _run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     t0 = time.perf_counter()
     _setup_logging(env)
-    check_finite_config(cfg)
     total_steps = total_steps_of(cfg)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,35 +136,35 @@ def _run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
     threads = configure_cpu_threads(cfg, env)
     log.info("%d intra-op threads per rank", threads)
     seed_everything(cfg.seed, env.rank)
-    cfg, _ = apply_single_device_layout(cfg, env)  # one GPU: no FSDP2 / checkpointing if it fits
-    task = SSLTask(cfg, env.device)
-    prepare_for_training(task.student, task.teacher, env, cfg.dist)
-    loader = build_ssl_loader(cfg, env.rank, env.world_size, task.patch_size)
+    cfg = get_task(cfg.task).device_layout(cfg, env)  # e.g. one GPU: no FSDP2 if it fits
+    task = build_task(cfg, env)
+    task.shard()
+    loader = task.build_loader()
     total_batch = cfg.data.batch_size_per_gpu * env.world_size * cfg.dist.grad_accum_steps
-    knn_sets = _knn_sets(cfg, cfg.model.img_size)
-    trainer = Trainer(task, loader, cfg, env, run_dir, total_steps, total_batch, knn_sets)
-    log.info("training %s: %d steps, global batch %d, peak lr %.3g, %d ranks on %s",
-             cfg.name, total_steps, total_batch, trainer.schedules.peak_lr, env.world_size,
-             env.device)
+    evaluators = build_periodic_evaluators(cfg, task)
+    trainer = Trainer(task, loader, cfg, env, run_dir, total_steps, total_batch, evaluators)
+    log.info("training %s (task %s): %d steps, global batch %d, peak lr %.3g, %d ranks on %s",
+             cfg.name, cfg.task, total_steps, total_batch, trainer.schedule.peak_lr,
+             env.world_size, env.device)
     result: LoopResult = trainer.run()
     summary: dict[str, Any] = {
         "status": result.status, "step": result.step, "total_steps": total_steps,
-        "run_dir": str(run_dir), "world_size": env.world_size,
+        "task": cfg.task, "run_dir": str(run_dir), "world_size": env.world_size,
         "nonfinite_steps": result.nonfinite_steps,
         "loss": result.last.get("loss"), "images_per_s": result.last.get("images_per_s"),
         "checkpoint": str(trainer.state.manager.latest()),
     }
-    if result.knn is not None:
-        summary["knn_top1"] = result.knn["top1"]
+    knn = result.evals.get("knn")
+    if knn is not None:
+        summary["knn_top1"] = knn["top1"]
     if result.status == "finished":
-        card = {"recipe": cfg.name, "steps": result.step, "global_batch": total_batch,
-                "data": [s.path for s in cfg.data.sources],
-                "mean": list(cfg.crops.mean), "std": list(cfg.crops.std),
-                "objective": "DINOv2 (DINO + iBOT + KoLeo), EMA teacher backbone"}
-        if result.knn is not None:
-            card["knn_top1_during_training"] = result.knn["top1"]
-        export = export_teacher(task, cfg, run_dir, env, card)
-        summary["export"] = str(export) if export else str(run_dir / "export")
+        card = {"recipe": cfg.name, "task": cfg.task, "steps": result.step,
+                "global_batch": total_batch, "data": [s.path for s in cfg.data.sources]}
+        if knn is not None:
+            card["knn_top1_during_training"] = knn["top1"]
+        exports = export_task(task, run_dir, env, card)
+        summary["exports"] = exports
+        summary["export"] = next(iter(exports.values()), None)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     if torch.cuda.is_available():
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -1,4 +1,4 @@
-"""Per-step schedules of DINOv2 training: lr, weight decay, teacher momentum and temperature.
+"""Per-step schedules: the loop's lr and weight decay, and the functions tasks build theirs from.
 
 Schedules are pure functions of the global optimisation step, so that a resumed run only needs
 the step number to land on exactly the same values. A DINOv2 "epoch" is ``optim.iters_per_epoch``
@@ -8,9 +8,8 @@ steps, independent of the data set size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from dinosys.config import OptimConfig, SSLLossConfig
+from dinosys.train.optim import OptimConfig
 
 
 def scaled_lr(base_lr: float, total_batch: int, reference_batch: int, rule: str) -> float:
@@ -48,36 +47,18 @@ def linear_then_constant(step: int, warmup: int, start: float, end: float) -> fl
     return start + (end - start) * step / warmup
 
 
-@dataclass(frozen=True)
-class ScheduleValues:
-    """All scheduled values at one step."""
+class LrSchedule:
+    """The loop's schedules for a run of ``total_steps`` steps at global batch ``total_batch``:
+    lr (linear warmup to the scaled peak, then cosine to ``min_lr``) and weight decay (cosine).
+    A task's own schedules (teacher temperature, EMA momentum ...) live in the task and use the
+    same functions."""
 
-    lr: float
-    weight_decay: float
-    momentum: float
-    teacher_temp: float
-    last_layer_frozen: bool
-
-    def as_dict(self) -> dict[str, float]:
-        """For logging."""
-        return {"lr": self.lr, "wd": self.weight_decay, "momentum": self.momentum,
-                "teacher_temp": self.teacher_temp}
-
-
-class TrainSchedules:
-    """The DINOv2 schedules for a run of ``total_steps`` steps at global batch ``total_batch``."""
-
-    def __init__(self, optim: OptimConfig, loss: SSLLossConfig, total_steps: int,
-                 total_batch: int) -> None:
+    def __init__(self, optim: OptimConfig, total_steps: int, total_batch: int) -> None:
         self.optim = optim
-        self.loss = loss
         self.total_steps = int(total_steps)
-        ipe = optim.iters_per_epoch
         self.peak_lr = scaled_lr(optim.base_lr, total_batch, optim.reference_batch,
                                  optim.lr_scaling)
-        self.warmup_steps = int(round(optim.warmup_epochs * ipe))
-        self.teacher_temp_warmup_steps = int(round(loss.warmup_teacher_temp_epochs * ipe))
-        self.freeze_last_layer_steps = int(round(optim.freeze_last_layer_epochs * ipe))
+        self.warmup_steps = epochs_to_steps(optim.warmup_epochs, optim)
 
     def lr(self, step: int) -> float:
         """Linear warmup from 0 to the scaled peak, then cosine to ``min_lr``."""
@@ -89,20 +70,11 @@ class TrainSchedules:
         return cosine(step, self.total_steps, self.optim.weight_decay,
                       self.optim.weight_decay_end)
 
-    def momentum(self, step: int) -> float:
-        """Teacher EMA momentum, cosine ``momentum_teacher -> final_momentum_teacher``."""
-        return cosine(step, self.total_steps, self.optim.momentum_teacher,
-                      self.optim.final_momentum_teacher)
+    def at(self, step: int) -> dict[str, float]:
+        """``{"lr", "wd"}`` at ``step`` (0-based: the step about to be taken), for logging."""
+        return {"lr": self.lr(step), "wd": self.weight_decay(step)}
 
-    def teacher_temp(self, step: int) -> float:
-        """Teacher temperature: linear warmup, then constant."""
-        return linear_then_constant(step, self.teacher_temp_warmup_steps,
-                                    self.loss.warmup_teacher_temp, self.loss.teacher_temp)
 
-    def at(self, step: int) -> ScheduleValues:
-        """Every scheduled value at ``step`` (0-based: the step about to be taken)."""
-        return ScheduleValues(
-            lr=self.lr(step), weight_decay=self.weight_decay(step), momentum=self.momentum(step),
-            teacher_temp=self.teacher_temp(step),
-            last_layer_frozen=step < self.freeze_last_layer_steps,
-        )
+def epochs_to_steps(epochs: float, optim: OptimConfig) -> int:
+    """A duration in DINOv2 "epochs" (``optim.iters_per_epoch`` steps each) as steps."""
+    return int(round(epochs * optim.iters_per_epoch))

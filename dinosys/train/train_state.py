@@ -8,18 +8,39 @@ per-rank RNG states and the data loader position. So N steps + resume + N steps 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from dinosys.config import CheckpointConfig
+from dinosys.config import ConfigError, Section
 from dinosys.distributed.env import DistEnv
+
+if TYPE_CHECKING:
+    from dinosys.train.tasks.base import TrainTask
 from dinosys.distributed.sharded_checkpoint import CheckpointManager, OptimizerState
-from dinosys.train.task import TrainTask
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckpointConfig(Section):
+    """Sharded, atomic checkpoints."""
+
+    every_n_steps: int = 1250
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every K-th step forever (0: off)
+    resume: bool = True
+
+    def validate(self) -> None:
+        if self.every_n_steps < 0:
+            raise ConfigError("config key 'checkpoint.every_n_steps': must be >= 0 (0: off)")
+        if self.keep_last < 1:
+            raise ConfigError("config key 'checkpoint.keep_last': must be >= 1")
+        if self.keep_every < 0:
+            raise ConfigError("config key 'checkpoint.keep_every': must be >= 0 (0: off)")
 
 
 class _TaskExtraState:

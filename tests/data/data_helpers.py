@@ -11,7 +11,10 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dinosys.config import CropConfig, DataSourceConfig, MaskConfig, TrainConfig
+from dinosys.data.augment import CropConfig
+from dinosys.data.masking import MaskConfig
+from dinosys.data.sources import DataSourceConfig
+from dinosys.train.tasks.ssl import SSLConfig
 
 
 def jpeg_bytes(arr: np.ndarray, quality: int = 90, **save_kw) -> bytes:
@@ -54,9 +57,9 @@ def write_shard(path: Path, samples: list[dict]) -> None:
 
 
 def tiny_config(sources: list[tuple[str, float]], batch_size: int = 3, workers: int = 0,
-                seed: int = 0, shuffle_buffer: int = 8) -> TrainConfig:
-    """A TrainConfig with small crops (32/16 px, 2 locals) so tests run fast on 2 cores."""
-    cfg = TrainConfig(seed=seed)
+                seed: int = 0, shuffle_buffer: int = 8) -> SSLConfig:
+    """A SSLConfig with small crops (32/16 px, 2 locals) so tests run fast on 2 cores."""
+    cfg = SSLConfig(seed=seed)
     cfg.crops = CropConfig(global_size=32, local_size=16, n_local=2)
     cfg.masking = MaskConfig()
     cfg.data.sources = [DataSourceConfig(path=str(p), weight=w) for p, w in sources]

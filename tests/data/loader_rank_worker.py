@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 from data_helpers import tiny_config
 
-from dinosys.data.loader import build_ssl_loader
+from dinosys.data.multicrop import build_ssl_loader
 
 
 def main() -> None:

@@ -13,9 +13,8 @@ from data_helpers import jpeg_bytes
 from PIL import Image
 from scipy import ndimage
 
-from dinosys.config import CropConfig
 from dinosys.data import color
-from dinosys.data.augment import MultiCropAugmentation, random_resized_crop_box
+from dinosys.data.augment import CropConfig, MultiCropAugmentation, random_resized_crop_box
 from dinosys.data.decode import decode_image
 
 LIMIT = 10**9

@@ -14,7 +14,7 @@ import pytest
 from data_helpers import jpeg_bytes, tiny_config, write_shard
 
 from dinosys.data.decode import BadImageError
-from dinosys.data.loader import build_ssl_loader
+from dinosys.data.multicrop import build_ssl_loader
 from dinosys.data.sources import ShardSource, index_shard
 from dinosys.data.tar_scan import scan_tar
 from dinosys.errors import UserError

@@ -21,12 +21,13 @@ import pytest
 import torch
 from data_helpers import tiny_config
 
-from dinosys.config import CropConfig, TrainConfig, load_config
+from dinosys.config import load_config
 from dinosys.data import color
 from dinosys.data import gpu_augment as G
-from dinosys.data.augment import MultiCropAugmentation, color_jitter
+from dinosys.data.augment import CropConfig, MultiCropAugmentation, color_jitter
 from dinosys.data.gpu_augment import PARAMS_KEY, PhotometricAugment, PhotometricParams
-from dinosys.data.loader import build_ssl_loader
+from dinosys.data.multicrop import build_ssl_loader
+from dinosys.train.tasks.ssl import SSLConfig
 
 LIMIT = 10**9
 PATCH = 8
@@ -245,7 +246,7 @@ def test_training_with_gpu_augment_gives_the_same_losses(builtin_data: Path,
            "crops.blur_p_local=0.5", "crops.solarize_p_global2=0.5", "crops.flip_p=0.5"]
     losses = []
     for on in ("false", "true"):
-        cfg = load_config(TrainConfig, "mnist_tiny_cpu", [*tiny, *ops, f"data.gpu_augment={on}"],
+        cfg = load_config(SSLConfig, "mnist_tiny_cpu", [*tiny, *ops, f"data.gpu_augment={on}"],
                           kind="train")
         run = tmp_path / on
         assert run_train(cfg, run)["status"] == "finished"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from data_helpers import tiny_config, write_shard
 
-from dinosys.data.loader import build_ssl_loader
+from dinosys.data.multicrop import build_ssl_loader
 from dinosys.errors import UserError
 
 PATCH = 8
@@ -169,7 +169,7 @@ _SIGNAL_WHOLE_GROUP = """
 import itertools, os, signal, sys
 sys.path.insert(0, sys.argv[2])
 from data_helpers import tiny_config
-from dinosys.data.loader import build_ssl_loader
+from dinosys.data.multicrop import build_ssl_loader
 got = []
 cfg = tiny_config([(sys.argv[1] + "/{000000..000002}.tar", 1.0)], workers=2)
 it = iter(build_ssl_loader(cfg, 0, 1, 8))

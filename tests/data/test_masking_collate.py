@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dinosys.config import MaskConfig
 from dinosys.data.collate import collate_ssl
-from dinosys.data.masking import MaskGenerator
+from dinosys.data.masking import MaskConfig, MaskGenerator
 
 
 def test_block_masks_respect_budget_and_blocks() -> None:

@@ -14,7 +14,7 @@ import torch
 from data_helpers import jpeg_bytes, tiny_config, write_shard
 
 from dinosys.data.decode import BadImageError
-from dinosys.data.loader import build_ssl_loader
+from dinosys.data.multicrop import build_ssl_loader
 from dinosys.data.order import EpochOrder
 from dinosys.data.sources import ShardSource
 
@@ -56,8 +56,8 @@ def test_half_weighted_source_picks_different_halves_in_different_epochs() -> No
 def test_stale_sizes_json_is_a_read_error(tmp_path: Path, photos: list[np.ndarray]) -> None:
     """sizes.json says 2 samples, the shard holds 1: reading the missing one is a read error
     (counted and skipped by the loader), not a crash or another reason."""
-    write_shard(tmp_path / "000000.tar", [{"__key__": "only", "jpg": jpeg_bytes(photos[0][:32, :32]),
-                                           "cls": b"3"}])
+    write_shard(tmp_path / "000000.tar",
+                [{"__key__": "only", "jpg": jpeg_bytes(photos[0][:32, :32]), "cls": b"3"}])
     (tmp_path / "sizes.json").write_text(json.dumps({"000000.tar": 2}))
     src = ShardSource("stale", str(tmp_path / "000000.tar"))
     assert len(src) == 2  # the count comes from sizes.json

@@ -11,11 +11,16 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from dinosys.config import DataSourceConfig
 from dinosys.data.decode import BadImageError
 from dinosys.data.folder import ImageFolder, read_file_list
 from dinosys.data.order import EpochOrder
-from dinosys.data.sources import FileSource, ShardSource, build_source, expand_shards
+from dinosys.data.sources import (
+    DataSourceConfig,
+    FileSource,
+    ShardSource,
+    build_source,
+    expand_shards,
+)
 from dinosys.errors import UserError
 
 
@@ -47,7 +52,7 @@ def test_file_list(tmp_path: Path, builtin_data: Path) -> None:
     assert items == [(rel, 3), (photos[1], -1), (photos[2], 0)]
     src = build_source(DataSourceConfig(path=str(listing)))
     assert isinstance(src, FileSource) and len(src) == 3
-    assert src.read(0).data == rel.read_bytes() and src.read(0).label == 3
+    assert src.read(0).image == rel.read_bytes() and src.read(0).label == 3
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(UserError, match="no image paths"):
         read_file_list(tmp_path / "empty.txt")
@@ -69,7 +74,7 @@ def test_shards_read_by_index_match_webdataset(builtin_data: Path) -> None:
     assert len(src) == len(reference)
     for i in range(0, len(reference), 97):
         raw = src.read(i)
-        assert raw.data == reference[i]["png"]
+        assert raw.image == reference[i]["png"]
         assert raw.label == int(reference[i]["cls"])
         assert raw.where.endswith(reference[i]["__key__"])
     assert expand_shards(str(folder)) == [str(s) for s in shards]  # a folder of shards
@@ -82,7 +87,7 @@ def test_shards_without_sizes_json_are_indexed(id_shards: Path) -> None:
     assert src.unit_sizes.tolist() == [7, 13, 5]
     labels = [src.read(i).label for i in range(len(src))]
     assert labels == list(range(25))
-    img = Image.open(io.BytesIO(src.read(24).data))
+    img = Image.open(io.BytesIO(src.read(24).image))
     assert img.size == (48, 48)
 
 
@@ -96,7 +101,7 @@ def test_shard_index_skips_payloads(tmp_path: Path) -> None:
             tf.addfile(info, io.BytesIO(b"7" * size))
     src = ShardSource("big", str(path))
     assert len(src) == 2
-    assert len(src.read(0).data) == 20_000_000 and src.read(0).label == 7
+    assert len(src.read(0).image) == 20_000_000 and src.read(0).label == 7
     with pytest.raises(BadImageError) as info:
         src.read(1)
     assert info.value.reason == "no_image_field"
@@ -159,3 +164,41 @@ def test_windows_mix_several_big_shards() -> None:
     order = EpochOrder([_Units([1000] * 16, False)], [1.0], seed=0, epoch=0, window_samples=100)
     first = [order[p][1] // 1000 for p in range(200)]  # shard of each of the first samples
     assert len(set(first)) == 8
+
+
+def test_samples_carry_every_member(tmp_path: Path, builtin_data: Path) -> None:
+    """Image, caption (.txt), label (.cls) and metadata (.json): from shards and from files."""
+    from data_helpers import write_shard
+
+    png = (builtin_data / "mnist" / "train" / "3").glob("*.png").__next__().read_bytes()
+    write_shard(tmp_path / "s" / "000000.tar", [
+        {"__key__": "a", "png": png, "txt": "a red fox", "cls": "3", "json": '{"url": "x"}'},
+        {"__key__": "b", "png": png},
+        {"__key__": "c", "png": png, "json": "not json"}])
+    src = build_source(DataSourceConfig(path=str(tmp_path / "s")))  # a folder of shards
+    a, b, c = (src.read(i) for i in range(3))
+    assert (a.image, a.text, a.label, a.meta) == (png, "a red fox", 3, {"url": "x"})
+    assert (b.text, b.label, b.meta) == (None, -1, None)
+    assert c.meta is None and c.image == png  # unreadable metadata does not cost the image
+    folder = tmp_path / "f" / "cats"
+    folder.mkdir(parents=True)
+    (folder / "x.png").write_bytes(png)
+    (folder / "x.txt").write_text("a cat\n")
+    (folder / "x.json").write_text('{"id": 7}')
+    sample = build_source(DataSourceConfig(path=str(tmp_path / "f"))).read(0)
+    assert (sample.text, sample.meta, sample.label) == ("a cat", {"id": 7}, 0)
+
+
+def test_source_kind_rules(tmp_path: Path, builtin_data: Path) -> None:
+    from dinosys.data.sources import source_kind
+
+    assert source_kind("d/{000000..000003}.tar") == "shards"
+    assert source_kind("d/000000.tar") == "shards"
+    assert source_kind(str(builtin_data / "shards" / "mnist")) == "shards"
+    assert source_kind(str(builtin_data / "mnist" / "train")) == "folder"
+    listing = tmp_path / "l.txt"
+    listing.write_text("a.png\n")
+    assert source_kind(str(listing)) == "list"
+    assert source_kind(str(tmp_path), "shards") == "shards"  # an explicit kind wins
+    with pytest.raises(UserError, match="not an image folder"):
+        source_kind(str(tmp_path / "missing"))

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from dinosys.config import BackboneConfig, CropConfig
+from dinosys.data.augment import CropConfig
 from dinosys.distill.config import DistillLossConfig, StudentConfig, TeacherConfig
 from dinosys.distill.task import DistillTask
 from dinosys.errors import UserError
+from dinosys.models.vit import BackboneConfig
 
 from .conftest import run_cli
 

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinosys.config import BackboneConfig, HeadConfig
 from dinosys.distill.config import DistillLossConfig, StudentConfig
 from dinosys.distill.student import Student, masked_positions
 from dinosys.distill.teacher import load_teacher
 from dinosys.losses import sinkhorn_knopp
+from dinosys.models.heads import HeadConfig
+from dinosys.models.vit import BackboneConfig
 
 
 def _student_cfg(width: int = 24) -> StudentConfig:

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-from dinosys.config import CheckpointConfig
 from dinosys.distributed.sharded_checkpoint import (
     CheckpointManager,
     capture_rng_state,
@@ -23,6 +22,7 @@ from dinosys.distributed.sharded_checkpoint import (
     restore_rng_state,
 )
 from dinosys.errors import ConfigError, UserError
+from dinosys.train.train_state import CheckpointConfig
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

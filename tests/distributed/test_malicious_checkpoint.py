@@ -16,9 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from dinosys.config import TrainConfig, load_config, save_config
+from dinosys.config import load_config, save_config
 from dinosys.distributed.sharded_checkpoint import CheckpointManager, load_backbone_state
 from dinosys.errors import UserError
+from dinosys.train.tasks.ssl import SSLConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,7 +49,7 @@ def _state() -> dict:
 def run(tmp_path: Path) -> Path:
     """A run directory: config.yaml and one committed checkpoint."""
     run = tmp_path / "run"
-    save_config(load_config(TrainConfig, "mnist_tiny_cpu"), run)
+    save_config(load_config(SSLConfig, "mnist_tiny_cpu"), run)
     CheckpointManager(run / "checkpoints").save(1, _state(), {"seed": 0})
     return run
 

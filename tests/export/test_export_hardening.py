@@ -114,6 +114,6 @@ def test_export_replaces_an_earlier_export_or_fills_an_empty_folder(source, tmp_
     empty = tmp_path / "empty"
     empty.mkdir()
     export_model(source, empty, ["native"])
-    assert json.loads((empty / "config.json").read_text())["format"] == "dinosys-backbone"
+    assert json.loads((empty / "config.json").read_text())["format"] == "dinosys-model"
     export_model(source, empty, ["native"])  # an earlier export is replaced
     assert (empty / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()

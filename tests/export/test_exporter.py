@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,8 +10,7 @@ import torch
 
 from dinosys.cli import main as cli_main
 from dinosys.errors import UserError
-from dinosys.export import exporter as exporter_mod
-from dinosys.export import load, save_native
+from dinosys.export import EXPORTERS, MODEL_TYPES, load, save_native
 from dinosys.export.exporter import export_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -116,7 +116,7 @@ def test_failed_export_leaves_previous_directory_intact(tiny, tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(exporter_mod, "export_onnx", broken)
+    monkeypatch.setitem(EXPORTERS, "onnx", dataclasses.replace(EXPORTERS["onnx"], write=broken))
     with pytest.raises(RuntimeError, match="disk full"):
         export_model(tiny, out, ["onnx"])
     assert (out / "model.safetensors").read_bytes() == before
@@ -165,3 +165,32 @@ def test_bad_inputs_are_user_errors(tiny, tmp_path):
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="missing keys: blocks.6"):
         load(other)
+
+
+def test_export_names_its_model_type_and_old_exports_still_load(tiny, tmp_path):
+    out = save_native(tiny, tmp_path / "new")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "vit_backbone" and config["format"] == "dinosys-model"
+    # an export written before model types: format "dinosys-backbone", no model_type
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    legacy = {k: v for k, v in config.items() if k != "model_type"}
+    legacy["format"], legacy["format_version"] = "dinosys-backbone", 1
+    (old / "config.json").write_text(json.dumps(legacy))
+    for path in (out, old):
+        model = load(path)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     tiny.state_dict().values()))
+    config["model_type"] = "no_such_type"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="model_type 'no_such_type'"):
+        load(out)
+
+
+def test_format_must_support_the_model_type(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(EXPORTERS, "onnx", dataclasses.replace(EXPORTERS["onnx"],
+                                                               model_types=("clip",)))
+    with pytest.raises(UserError, match=r"\['onnx'\] do not support model type 'vit_backbone'"):
+        export_model(tiny, tmp_path / "x", ["onnx"])
+    assert set(EXPORTERS) >= {"timm", "hf", "onnx"} and "vit_backbone" in MODEL_TYPES

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from dinosys.config import BackboneConfig
 from dinosys.errors import UserError
 from dinosys.eval.images import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.export.open_clip import (
@@ -19,6 +18,7 @@ from dinosys.export.open_clip import (
 from dinosys.models import create_backbone
 from dinosys.models.clip import CLIPModel, ClipModelConfig, ImageTowerConfig
 from dinosys.models.text import TextConfig
+from dinosys.models.vit import BackboneConfig
 
 TEXT = TextConfig(width=64, layers=2, heads=4)
 

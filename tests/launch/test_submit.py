@@ -83,7 +83,7 @@ def test_single_task_jobs_and_curation_parts() -> None:
 def test_resolved_config_travels_with_the_job(tiny_yaml) -> None:
     [job] = prepare_jobs("train", [str(tiny_yaml), "optim.base_lr=0.001"])
     assert job.handles_preemption and job.distributed
-    cfg = job.work.args[0]  # the resolved TrainConfig, not the YAML path
+    cfg = job.work.args[0]  # the resolved SSLConfig, not the YAML path
     assert cfg.name == "tinyx" and cfg.optim.base_lr == 0.001 and cfg.max_steps == 4
     assert "base_lr: 0.001" in job.resolved_config
 
@@ -120,9 +120,9 @@ def test_invalid_input_exits_2_with_one_line(argv, message) -> None:
 
 
 def test_capability_not_built_exits_3() -> None:
-    import dinosys.cli
+    from dinosys.train.tasks import task_for_command
 
-    if "clip" not in dinosys.cli.NOT_YET:
+    if task_for_command("clip") is not None:
         pytest.skip("dinosys clip is built")
     res = _submit("clip", "--", "whatever.yaml")
     assert res.returncode == 3 and "not built yet" in res.stderr
@@ -144,3 +144,30 @@ def test_unreachable_slurm_conf_exits_2(tiny_yaml, tmp_path) -> None:
     res = _submit("train", "--out", str(tmp_path / "run"), "--", str(tiny_yaml), env=env)
     assert res.returncode == 2 and "SLURM_CONF=" in res.stderr and "not a readable" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_every_training_kind_takes_the_preemption_safe_path(tmp_path, monkeypatch) -> None:
+    """train / clip / distill are one path: the kind picks the default task from TASKS, the job
+    runs run_train on every rank and checkpoints + requeues on USR2 (handles_preemption)."""
+    import functools
+
+    from dinosys.train.tasks import TASKS
+    from dinosys.train.tasks.toy import ToyConfig, ToyTask
+    from launch.jobs import prepare_jobs, run_train_work
+
+    class ClipLikeToy(ToyTask):
+        name = "toy_as_clip"
+        command = "clip"
+
+    if any(cls.command == "clip" for cls in TASKS.values()):
+        pytest.skip("a real clip task is registered")
+    monkeypatch.setitem(TASKS, ClipLikeToy.name, ClipLikeToy)
+    config = tmp_path / "toy.yaml"
+    config.write_text("data: {sources: [{path: /data/x}]}\n")
+    (job,) = prepare_jobs("clip", [str(config), "max_steps=3"])
+    assert job.kind == "clip" and job.handles_preemption and job.distributed
+    assert isinstance(job.work, functools.partial) and job.work.func is run_train_work
+    cfg = job.work.args[0]
+    assert type(cfg) is ToyConfig and cfg.task == "toy_as_clip" and cfg.max_steps == 3
+    (job,) = prepare_jobs("train", [str(config), "task=toy"])  # any kind runs any task
+    assert job.work.args[0].task == "toy" and job.handles_preemption

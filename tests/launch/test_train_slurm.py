@@ -81,7 +81,8 @@ def test_two_task_training_requeues_on_usr2_and_finishes_every_step_once(
     assert "--ntasks-per-node=2" in (sub / "sbatch.sh").read_text()
     assert "max_steps: 10" in (sub / "config.yaml").read_text()
     assert "launch/submit.py train" in (sub / "command.txt").read_text()
-    assert (run / "config.yaml").is_file() and (run / "export" / "model.safetensors").is_file()
+    assert (run / "config.yaml").is_file()
+    assert (run / "export" / "teacher" / "model.safetensors").is_file()
     # the first run stopped at the preemption checkpoint, the second resumed from it
     err0 = (run / "submitit" / f"{job_id}_0_log.err").read_text()
     assert "requeued Slurm job" in err0 and "restart 1" in err0
@@ -100,3 +101,38 @@ def test_local_runs_the_same_two_task_job(tmp_path, builtin_data) -> None:
     assert [r["step"] for r in read_steps(run)] == [1, 2, 3]
     assert (run / "submission" / "config.yaml").is_file()
     assert len(list((run / "submitit").glob("*_log.out"))) == 2  # one log per task
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_non_ssl_task_requeues_on_usr2_through_the_same_path(tmp_path, builtin_data) -> None:
+    """The toy task (no SSL parts) on 2 Slurm tasks: USR2 -> collective checkpoint -> requeue
+    -> every step once. clip and distill jobs take exactly this path (launch/jobs.py)."""
+    run, steps = tmp_path / "run", 8
+    config = tmp_path / "toy.yaml"
+    config.write_text(f"""\
+task: toy
+model: {{arch: vit_tiny, img_size: 28, patch_size: 14, embed_dim: 32, depth: 2, num_heads: 2}}
+data: {{sources: [{{path: {builtin_data / 'mnist' / 'train'}}}], batch_size_per_gpu: 8,
+        num_workers: 0}}
+max_steps: {steps}
+log: {{every_n_steps: 1, progress: false}}
+checkpoint: {{every_n_steps: 1000}}
+""")
+    res = _submit("train", "--gpus-per-node", "0", "--tasks-per-node", "2", "--partition",
+                  "debug", "--timeout-min", "10", "--max-requeues", "2", "--out", str(run),
+                  "--", str(config))
+    assert res.returncode == 0, res.stderr
+    job_id = json.loads(res.stdout.splitlines()[-1])["job_id"]
+    try:
+        wait_for(lambda: len(read_steps(run)) >= 2, 240, "2 training steps")
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        fields = slurm.wait_for_job(job_id, timeout_s=300, start_requeued_now=True)
+    finally:
+        subprocess.run(["scancel", job_id], timeout=30)
+    logs = sorted((run / "submitit").glob("*_log.err"))
+    assert fields["JobState"] == "COMPLETED", (fields, logs[0].read_text()[-3000:])
+    assert fields["Restarts"] == "1"
+    assert [r["step"] for r in read_steps(run)] == list(range(1, steps + 1))
+    assert (run / "export" / "backbone" / "model.safetensors").is_file()

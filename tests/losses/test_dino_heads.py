@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dinosys.config import HeadConfig
-from dinosys.models.heads import DINOHead, WeightNormLinear, build_heads
+from dinosys.models.heads import DINOHead, HeadConfig, WeightNormLinear, build_heads
 
 
 def _head(**kw) -> DINOHead:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dinosys.config import BackboneConfig
 from dinosys.data.tokenizer import get_tokenizer
 from dinosys.errors import UserError
 from dinosys.models import create_backbone
@@ -16,6 +15,7 @@ from dinosys.models.clip import (
     ImageTowerConfig,
 )
 from dinosys.models.text import TextConfig
+from dinosys.models.vit import BackboneConfig
 
 TINY = BackboneConfig(arch="vit_tiny", img_size=28, patch_size=14, embed_dim=32, depth=2,
                       num_heads=2, layerscale_init=None)

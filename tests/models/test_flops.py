@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dinosys.config import BackboneConfig, TrainConfig, load_config
+from dinosys.config import load_config
 from dinosys.models import backbone_from_config
 from dinosys.models.flops import backbone_forward_flops, group_train_flops
+from dinosys.models.vit import BackboneConfig
 from dinosys.train.metrics import known_peak_tflops, matmul_dtype
+from dinosys.train.tasks.ssl import SSLConfig
 
 
 def counted_train_flops(cfg: BackboneConfig, groups: list[tuple[int, int]]) -> float:
@@ -27,7 +29,7 @@ def counted_train_flops(cfg: BackboneConfig, groups: list[tuple[int, int]]) -> f
 @pytest.mark.parametrize("recipe", ["vitl14", "vitg14"])
 def test_recipe_step_flops_match_torch_count(recipe: str) -> None:
     """The L/g recipes run drop path 0.4: each branch computes floor(0.6 B) samples per group."""
-    cfg = load_config(TrainConfig, recipe, [], kind="train").model
+    cfg = load_config(SSLConfig, recipe, [], kind="train").model
     assert cfg.drop_path_rate > 0.1
     b = 5  # 2b = 10 globals -> 6 samples per branch, 8b = 40 locals -> 24
     groups = [(224, 2 * b), (98, 8 * b)]

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from dinosys.config import BackboneConfig
 from dinosys.errors import ConfigError, UserError
 from dinosys.models import (
     backbone_forward_flops,
     backbone_from_config,
     create_backbone,
 )
+from dinosys.models.vit import BackboneConfig
 
 KEYS = {"x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm", "masks"}
 
@@ -181,3 +183,45 @@ def test_outputs_are_not_views_of_one_tensor():
         for key, value in out.items():
             if torch.is_tensor(value):
                 assert value._base is None, f"{key} is a view"
+
+
+def _released_formula(pos: torch.Tensor, h: int, w: int, offset: float,
+                      antialias: bool) -> torch.Tensor:
+    """DINOv2's released interpolate_pos_encoding, written out: scale_factor=(n + offset) / M
+    with an offset, an explicit size without."""
+    side = int(math.sqrt(pos.shape[1] - 1))
+    grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    if offset:
+        kwargs = {"scale_factor": ((h + offset) / side, (w + offset) / side)}
+    else:
+        kwargs = {"size": (h, w)}
+    out = torch.nn.functional.interpolate(grid, mode="bicubic", antialias=antialias, **kwargs)
+    return torch.cat([pos[:, :1], out.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
+
+
+@pytest.mark.parametrize("arch, offset, antialias", [("vits14", 0.1, False),
+                                                     ("vits14_reg", 0.0, True)])
+def test_pos_embed_offset_follows_the_released_layout(arch: str, offset: float,
+                                                      antialias: bool) -> None:
+    """Non-register models resize with the +0.1 offset (released checkpoints' features depend
+    on it), register models to an explicit size with antialias; both equal the formula."""
+    torch.manual_seed(0)
+    model = create_backbone(arch, img_size=518, depth=1)
+    assert model.cfg.interpolate_offset == offset and model.interpolate_antialias == antialias
+    pos = model.pos_embed.detach()
+    for h, w in ((16, 16), (7, 7), (16, 9)):  # 224 px, 98 px local crops, a non-square grid
+        got = model.interpolate_pos_encoding(h, w).detach()
+        torch.testing.assert_close(got, _released_formula(pos, h, w, offset, antialias),
+                                   rtol=0, atol=0)
+    if offset:  # the offset matters: without it the 224 px embedding differs
+        plain = _released_formula(pos, 16, 16, 0.0, antialias)
+        assert (model.interpolate_pos_encoding(16, 16) - plain).abs().max() > 1e-4
+
+
+def test_pos_embed_offset_is_configurable_and_exported(tmp_path) -> None:
+    model = create_backbone("vits14", img_size=518, depth=1, interpolate_offset=0.0)
+    assert model.cfg.interpolate_offset == 0.0
+    from dinosys.export import load, save_native
+
+    save_native(create_backbone("vit_tiny", depth=1), tmp_path / "tiny")
+    assert load(tmp_path / "tiny").cfg.interpolate_offset == 0.1

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dinosys.config import TrainConfig, load_config
+from dinosys.config import load_config
+from dinosys.train.tasks.ssl import SSLConfig
 
 TINY = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.layerscale_init=null",
@@ -24,10 +25,10 @@ def tiny_overrides(builtin_data: Path, *extra: str) -> list[str]:
 
 @pytest.fixture
 def tiny_cfg(builtin_data: Path):  # type: ignore[no-untyped-def]
-    """Factory: ``tiny_cfg("max_steps=4", ...)`` -> TrainConfig."""
+    """Factory: ``tiny_cfg("max_steps=4", ...)`` -> SSLConfig."""
 
-    def make(*extra: str) -> TrainConfig:
-        return load_config(TrainConfig, "mnist_tiny_cpu", tiny_overrides(builtin_data, *extra),
+    def make(*extra: str) -> SSLConfig:
+        return load_config(SSLConfig, "mnist_tiny_cpu", tiny_overrides(builtin_data, *extra),
                            kind="train")
 
     return make

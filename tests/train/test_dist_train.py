@@ -54,4 +54,4 @@ def test_torchrun_two_ranks_train(tiny_args, tmp_path: Path) -> None:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # rank 0 logs, once
     assert (run / "checkpoints" / "step_00000002").is_dir()
-    assert (run / "export" / "model.safetensors").is_file()
+    assert (run / "export" / "teacher" / "model.safetensors").is_file()

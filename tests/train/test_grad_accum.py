@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinosys.config import TrainConfig
-from dinosys.data.loader import build_ssl_loader
+from dinosys.data.multicrop import build_ssl_loader
 from dinosys.distributed.env import DistEnv
 from dinosys.train.device_step import read_scalars
 from dinosys.train.loop import Trainer
-from dinosys.train.ssl_task import SSLTask
+from dinosys.train.tasks.ssl import SSLConfig, SSLTask
 from tests.train.test_dist_train import torchrun
 
 B = 4  # images per micro-batch
@@ -50,9 +49,9 @@ def merge_batches(b1: dict, b2: dict) -> dict:
             "labels": torch.cat([b1["labels"], b2["labels"]])}
 
 
-def make_trainer(cfg: TrainConfig, loader, run_dir: Path) -> Trainer:
+def make_trainer(cfg: SSLConfig, loader, run_dir: Path) -> Trainer:
     torch.manual_seed(1234)
-    task = SSLTask(cfg, "cpu")
+    task = SSLTask(cfg, DistEnv())
     return Trainer(task, loader, cfg, DistEnv(), run_dir, total_steps=10, total_batch=2 * B)
 
 
@@ -135,7 +134,7 @@ def test_torchrun_two_ranks_with_grad_accum(tiny_args, tiny_cfg, tmp_path: Path)
     # the FLOPs are summed over every micro-batch, so counting only one micro-batch's images
     # (or a step's images twice) moves the ratio by 2x from a B-image batch's FLOPs per image
     cfg = tiny_cfg(f"data.batch_size_per_gpu={B}")
-    task = SSLTask(cfg, "cpu")
+    task = SSLTask(cfg, DistEnv())
     it = iter(build_ssl_loader(cfg, 0, 1, patch_size=task.patch_size))
     expected = sum(task.step_flops(next(it)) for _ in range(4)) / (4 * B)
     for r in records:

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from dinosys.config import TrainConfig, load_config
+from dinosys.config import load_config
 from dinosys.data.collate import collate_ssl
 from dinosys.data.masking import MaskGenerator
 from dinosys.distributed.env import DistEnv
 from dinosys.train.device_step import read_scalars
 from dinosys.train.loop import Trainer
-from dinosys.train.ssl_task import SSLTask
+from dinosys.train.tasks.ssl import SSLConfig, SSLTask
 from tests.train.conftest import TINY
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
@@ -49,7 +49,7 @@ def count_host_reads() -> Iterator[list[str]]:
             setattr(torch.Tensor, name, fn)
 
 
-def make_batch(cfg: TrainConfig, patch: int, device: torch.device) -> dict:
+def make_batch(cfg: SSLConfig, patch: int, device: torch.device) -> dict:
     gen = torch.Generator().manual_seed(0)
     size, local, c = cfg.crops.global_size, cfg.crops.local_size, cfg.model.in_chans
     samples = [{"global_crops": [torch.randn(c, size, size, generator=gen) for _ in range(2)],
@@ -62,14 +62,14 @@ def make_batch(cfg: TrainConfig, patch: int, device: torch.device) -> dict:
 
 
 def make_trainer(tmp_path: Path, device: torch.device, *extra: str) -> tuple[Trainer, dict]:
-    cfg = load_config(TrainConfig, "mnist_tiny_cpu",
+    cfg = load_config(SSLConfig, "mnist_tiny_cpu",
                       [*TINY, "model.drop_path_rate=0.4", "optim.freeze_last_layer_epochs=0",
                        "checkpoint.every_n_steps=0", *extra], kind="train")
     torch.manual_seed(0)
-    task = SSLTask(cfg, device)
+    env = DistEnv(device=device)
+    task = SSLTask(cfg, env)
     for module in (*task.student.values(), *task.teacher.values()):
         module.to(device)
-    env = DistEnv(device=device)
     trainer = Trainer(task, None, cfg, env, tmp_path, total_steps=10, total_batch=8)
     return trainer, make_batch(cfg, task.patch_size, device)
 

@@ -1,5 +1,5 @@
-"""Parameter groups (layer-wise lr decay, weight-decay exclusions, patch-embed multiplier,
-frozen last layer) and per-module gradient clipping."""
+"""Parameter groups (layer-wise lr decay declared by the model, weight-decay exclusions,
+patch-embed multiplier) and per-module gradient clipping."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from dinosys.config import HeadConfig, OptimConfig
 from dinosys.models import create_backbone
-from dinosys.models.heads import build_heads
+from dinosys.models.heads import HeadConfig, build_heads
 from dinosys.train.optim import (
+    OptimConfig,
     apply_schedule,
     build_optimizer,
     build_param_groups,
     clip_grad_per_module,
-    zero_last_layer_grads,
 )
 
 DEPTH = 3
@@ -34,7 +33,7 @@ def rules_by_name(groups: list[dict]) -> dict[str, dict]:
 
 def test_layerwise_decay_and_patch_embed(modules: dict[str, nn.Module]) -> None:
     cfg = OptimConfig(layerwise_decay=0.9, patch_embed_lr_mult=0.2)
-    rules = rules_by_name(build_param_groups(modules, DEPTH, cfg))
+    rules = rules_by_name(build_param_groups(modules, cfg))
     top = DEPTH + 1
     assert rules["backbone.cls_token"]["lr_mult"] == pytest.approx(0.9 ** top)
     assert rules["backbone.pos_embed"]["lr_mult"] == pytest.approx(0.9 ** top)
@@ -48,7 +47,7 @@ def test_layerwise_decay_and_patch_embed(modules: dict[str, nn.Module]) -> None:
 
 
 def test_weight_decay_exclusions(modules: dict[str, nn.Module]) -> None:
-    rules = rules_by_name(build_param_groups(modules, DEPTH, OptimConfig()))
+    rules = rules_by_name(build_param_groups(modules, OptimConfig()))
     no_wd = ["backbone.cls_token", "backbone.pos_embed", "backbone.mask_token",
              "backbone.blocks.0.attn.qkv.bias", "backbone.blocks.0.norm1.weight",
              "backbone.blocks.0.ls1.gamma", "backbone.norm.bias"]
@@ -57,27 +56,36 @@ def test_weight_decay_exclusions(modules: dict[str, nn.Module]) -> None:
     for name in ("backbone.blocks.0.attn.qkv.weight", "backbone.blocks.1.mlp.fc1.weight",
                  "dino_head.last_layer.weight"):
         assert rules[name]["wd_mult"] == 1.0, name
-    assert rules["dino_head.last_layer.weight"]["is_last_layer"]
-    assert sum(g["is_last_layer"] for g in build_param_groups(modules, DEPTH, OptimConfig())) == 1
 
 
-def test_schedule_applied_and_last_layer_frozen(modules: dict[str, nn.Module]) -> None:
-    groups = build_param_groups(modules, DEPTH, OptimConfig())
+def test_schedule_applied(modules: dict[str, nn.Module]) -> None:
+    groups = build_param_groups(modules, OptimConfig())
     opt = build_optimizer(groups, OptimConfig())
-    apply_schedule(opt, lr=1e-3, weight_decay=0.1, last_layer_frozen=True)
+    apply_schedule(opt, lr=1e-3, weight_decay=0.1)
     for g in opt.param_groups:
-        expected = 0.0 if g["is_last_layer"] else 1e-3 * g["lr_mult"]
-        assert g["lr"] == pytest.approx(expected)
+        assert g["lr"] == pytest.approx(1e-3 * g["lr_mult"])
         assert g["weight_decay"] == pytest.approx(0.1 * g["wd_mult"])
-    apply_schedule(opt, lr=1e-3, weight_decay=0.1, last_layer_frozen=False)
-    assert all(g["lr"] > 0 for g in opt.param_groups)
 
-    head = modules["dino_head"]
-    for p in head.parameters():
-        p.grad = torch.ones_like(p)
-    zero_last_layer_grads([head])
-    assert head.last_layer.weight.grad is None
-    assert all(p.grad is not None for n, p in head.named_parameters() if "last_layer" not in n)
+
+def test_layers_come_from_the_model() -> None:
+    """A module without ``num_layers``/``layer_id`` is a head at the top layer; a module that
+    declares its layers gets layer-wise decay by its own rule, whatever its key is called."""
+
+    class TwoLayers(nn.Module):
+        num_layers = 3
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def layer_id(self, name: str) -> int:
+            return 1 if name.startswith("first") else 2
+
+    rules = rules_by_name(build_param_groups({"tower": TwoLayers(), "proj": nn.Linear(2, 2)},
+                                             OptimConfig(layerwise_decay=0.5)))
+    assert rules["tower.first.weight"]["lr_mult"] == pytest.approx(0.5)
+    assert rules["tower.second.weight"]["lr_mult"] == pytest.approx(1.0)
+    assert rules["proj.weight"]["lr_mult"] == pytest.approx(1.0)
 
 
 def test_clip_per_module() -> None:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from dinosys.config import TrainConfig, load_config
+from dinosys.config import load_config
+from dinosys.train.tasks.ssl import SSLConfig
 
 
 @pytest.fixture(scope="module")
-def defaults() -> TrainConfig:
-    return load_config(TrainConfig, None, [], kind="train")
+def defaults() -> SSLConfig:
+    return load_config(SSLConfig, None, [], kind="train")
 
 
-def test_loss_defaults(defaults: TrainConfig) -> None:
+def test_loss_defaults(defaults: SSLConfig) -> None:
     loss = defaults.loss
     assert loss.center_momentum == 0.9
     assert loss.centering == "centering" and loss.sinkhorn_iterations == 3
@@ -23,7 +24,7 @@ def test_loss_defaults(defaults: TrainConfig) -> None:
     assert (loss.dino_weight, loss.ibot_weight, loss.koleo_weight) == (1.0, 1.0, 0.1)
 
 
-def test_crop_defaults(defaults: TrainConfig) -> None:
+def test_crop_defaults(defaults: SSLConfig) -> None:
     crops = defaults.crops
     assert (crops.global_size, crops.local_size, crops.n_global, crops.n_local) == (224, 98, 2, 8)
     assert list(crops.global_scale) == [0.32, 1.0] and list(crops.local_scale) == [0.05, 0.32]
@@ -34,7 +35,7 @@ def test_crop_defaults(defaults: TrainConfig) -> None:
     assert (crops.brightness, crops.contrast, crops.saturation, crops.hue) == (0.4, 0.4, 0.2, 0.1)
 
 
-def test_masking_and_head_defaults(defaults: TrainConfig) -> None:
+def test_masking_and_head_defaults(defaults: SSLConfig) -> None:
     m = defaults.masking
     assert (m.mask_probability, m.ratio_min, m.ratio_max) == (0.5, 0.1, 0.5)
     assert m.min_patches_per_block == 4 and m.aspect_min == 0.3
@@ -43,7 +44,7 @@ def test_masking_and_head_defaults(defaults: TrainConfig) -> None:
     assert h.ibot_separate_head is False
 
 
-def test_optim_defaults(defaults: TrainConfig) -> None:
+def test_optim_defaults(defaults: SSLConfig) -> None:
     o = defaults.optim
     assert o.base_lr == 4e-3 and o.lr_scaling == "sqrt" and o.reference_batch == 1024
     assert o.min_lr == 1e-6 and o.iters_per_epoch == 1250 and o.warmup_epochs == 10

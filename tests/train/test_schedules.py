@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from dinosys.config import OptimConfig, SSLLossConfig
-from dinosys.train.schedules import TrainSchedules, scaled_lr
+from dinosys.train.schedules import LrSchedule, scaled_lr
+from dinosys.train.tasks.ssl import SSLLossConfig, SSLOptimConfig, SSLSchedules
 
 
 def test_lr_scaling_rules() -> None:
@@ -16,14 +16,24 @@ def test_lr_scaling_rules() -> None:
     assert scaled_lr(4e-3, 256, 1024, "none") == pytest.approx(4e-3)
 
 
-def make(total: int = 1000) -> TrainSchedules:
-    optim = OptimConfig(base_lr=4e-3, reference_batch=1024, min_lr=1e-6, iters_per_epoch=10,
+class Both:
+    """The loop's lr / wd schedule and the SSL task's own values, side by side."""
+
+    def __init__(self, lr: LrSchedule, ssl: SSLSchedules) -> None:
+        self.lr, self.weight_decay = lr.lr, lr.weight_decay
+        self.momentum, self.teacher_temp = ssl.momentum, ssl.teacher_temp
+        self.last_layer_frozen = ssl.last_layer_frozen
+
+
+def make(total: int = 1000) -> Both:
+    optim = SSLOptimConfig(base_lr=4e-3, reference_batch=1024, min_lr=1e-6, iters_per_epoch=10,
                         warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
                         momentum_teacher=0.992, final_momentum_teacher=1.0,
                         freeze_last_layer_epochs=1)
     loss = SSLLossConfig(warmup_teacher_temp=0.04, teacher_temp=0.07,
                          warmup_teacher_temp_epochs=30)
-    return TrainSchedules(optim, loss, total_steps=total, total_batch=256)
+    return Both(LrSchedule(optim, total_steps=total, total_batch=256),
+                SSLSchedules(optim, loss, total_steps=total))
 
 
 def test_lr_warmup_then_cosine() -> None:
@@ -54,7 +64,5 @@ def test_weight_decay_momentum_and_teacher_temp() -> None:
 
 def test_last_layer_frozen_for_the_first_epochs() -> None:
     s = make()
-    assert s.at(0).last_layer_frozen and s.at(9).last_layer_frozen
-    assert not s.at(10).last_layer_frozen
-    values = s.at(100).as_dict()
-    assert set(values) == {"lr", "wd", "momentum", "teacher_temp"}
+    assert s.last_layer_frozen(0) and s.last_layer_frozen(9)
+    assert not s.last_layer_frozen(10)

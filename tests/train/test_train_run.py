@@ -32,7 +32,7 @@ def test_short_run_writes_run_directory(tiny_cfg, tmp_path: Path) -> None:
     assert all(isinstance(r["loss"], float) for r in records)
     steps = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert steps == ["step_00000002", "step_00000004"]
-    export = run / "export"
+    export = run / "export" / "teacher"
     assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
     from dinosys.export import load
 

@@ -11,26 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 
-import dinosys.train.ssl_task as ssl_task
-from dinosys.config import TrainConfig
-from dinosys.data.loader import build_ssl_loader
+import dinosys.train.tasks.ssl as ssl_task
+from dinosys.data.multicrop import build_ssl_loader
 from dinosys.distributed.env import DistEnv
 from dinosys.losses.normalize import Centering
 from dinosys.train.loop import Trainer
-from dinosys.train.ssl_task import SSLTask
+from dinosys.train.tasks.ssl import SSLConfig, SSLTask
 
 B = 4  # images per batch (8 global crops)
 PLAIN = ["model.drop_path_rate=0", "dist.param_dtype=fp32", f"data.batch_size_per_gpu={B}",
-         "checkpoint.every_n_steps=0"]
+         "checkpoint.every_n_steps=0", "max_steps=20"]  # the trainer below runs 20 steps
 
 
-def make_trainer(cfg: TrainConfig, run_dir: Path) -> tuple[Trainer, list[dict]]:
+def make_trainer(cfg: SSLConfig, run_dir: Path) -> tuple[Trainer, list[dict]]:
     """A trainer on the CPU and the first 4 batches of the real loader."""
     loader = build_ssl_loader(cfg, 0, 1, patch_size=cfg.model.patch_size)
     it = iter(loader)
     batches = [next(it) for _ in range(4)]
     torch.manual_seed(1234)
-    task = SSLTask(cfg, "cpu")
+    task = SSLTask(cfg, DistEnv())
     return Trainer(task, loader, cfg, DistEnv(), run_dir, total_steps=20, total_batch=B), batches
 
 

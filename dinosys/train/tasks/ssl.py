@@ -2,31 +2,113 @@
 
 The teacher sees the 2 global crops (unmasked); the student sees every crop, with iBOT masks
 on its global crops. Teacher targets are centred (EMA centre) or Sinkhorn-Knopp normalised.
+The task owns its schedules (teacher temperature, EMA momentum, the heads' frozen last layer)
+and its exports (the EMA teacher backbone). Objectives: docs/training.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from dinosys.config import TrainConfig
+from dinosys.config import ConfigError, Section, check_choice
+from dinosys.data.augment import CropConfig
+from dinosys.data.masking import MaskConfig
+from dinosys.distributed.env import DistEnv
+from dinosys.distributed.fsdp import build_mesh, shard_modules
 from dinosys.losses.dino import dino_loss
 from dinosys.losses.ibot import ibot_loss
 from dinosys.losses.koleo import koleo_loss
 from dinosys.losses.normalize import Centering, sinkhorn_knopp
 from dinosys.models import backbone_forward_flops, backbone_from_config
 from dinosys.models.flops import group_train_flops
-from dinosys.models.heads import build_heads
-from dinosys.train.schedules import ScheduleValues
-from dinosys.train.task import TrainTask
+from dinosys.models.heads import HeadConfig, build_heads
+from dinosys.models.vit import BackboneConfig
+from dinosys.train.ema import ema_pairs, ema_update
+from dinosys.train.optim import OptimConfig
+from dinosys.train.schedules import cosine, epochs_to_steps, linear_then_constant
+from dinosys.train.tasks import register_task
+from dinosys.train.tasks.base import Exportable, RunConfig, TrainTask
 
 N_GLOBAL = 2
+
+
+@dataclass
+class SSLLossConfig(Section):
+    """Loss weights, temperatures and teacher normalisation of the DINOv2 objective."""
+
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+    centering: str = "centering"  # centering or sinkhorn_knopp
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+
+    def validate(self) -> None:
+        check_choice(self.centering, ("centering", "sinkhorn_knopp"), "loss.centering")
+        weights = (self.dino_weight, self.ibot_weight, self.koleo_weight)
+        if not any(math.isfinite(w) and w > 0 for w in weights):
+            raise ConfigError("config keys 'loss.*_weight': at least one loss weight must be > 0")
+
+
+@dataclass
+class SSLOptimConfig(OptimConfig):
+    """The optimiser plus DINOv2's teacher EMA momentum and the heads' last-layer freeze."""
+
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    freeze_last_layer_epochs: float = 1
+
+    def validate(self) -> None:
+        super().validate()
+
+
+@dataclass
+class SSLConfig(RunConfig):
+    """`dinosys train`: DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo)."""
+
+    name: str = "dinov2"
+    task: str = "ssl"
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    heads: HeadConfig = field(default_factory=HeadConfig)
+    loss: SSLLossConfig = field(default_factory=SSLLossConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    masking: MaskConfig = field(default_factory=MaskConfig)
+    optim: SSLOptimConfig = field(default_factory=SSLOptimConfig)
+
+
+class SSLSchedules:
+    """The task's own per-step values: teacher temperature (linear warmup, then constant), EMA
+    momentum (cosine over the run) and whether the heads' last layer is still frozen."""
+
+    def __init__(self, optim: SSLOptimConfig, loss: SSLLossConfig, total_steps: int) -> None:
+        self.optim, self.loss, self.total_steps = optim, loss, int(total_steps)
+        self.teacher_temp_warmup_steps = epochs_to_steps(loss.warmup_teacher_temp_epochs, optim)
+        self.freeze_last_layer_steps = epochs_to_steps(optim.freeze_last_layer_epochs, optim)
+
+    def momentum(self, step: int) -> float:
+        """Teacher EMA momentum, cosine ``momentum_teacher -> final_momentum_teacher``."""
+        return cosine(step, self.total_steps, self.optim.momentum_teacher,
+                      self.optim.final_momentum_teacher)
+
+    def teacher_temp(self, step: int) -> float:
+        """Teacher temperature: linear warmup, then constant."""
+        return linear_then_constant(step, self.teacher_temp_warmup_steps,
+                                    self.loss.warmup_teacher_temp, self.loss.teacher_temp)
+
+    def last_layer_frozen(self, step: int) -> bool:
+        """True during the first ``optim.freeze_last_layer_epochs``."""
+        return step < self.freeze_last_layer_steps
 
 
 def linear_flops(module: nn.Module) -> float:
@@ -50,14 +132,18 @@ def collapse_stats(probs: Tensor) -> dict[str, Tensor]:
     return {"teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform}
 
 
+@register_task
 class SSLTask(TrainTask):
-    """DINOv2 pretraining (see docs/training.md "Objectives")."""
+    """DINOv2 pretraining (docs/training.md "Objectives")."""
 
     name = "ssl"
+    config_class = SSLConfig
+    command = "train"
+    config_kind = "train"
+    checkpoint_backbone = "teacher.backbone"
 
-    def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu") -> None:
-        self.cfg = cfg
-        self.device = torch.device(device)
+    def __init__(self, cfg: SSLConfig, env: DistEnv | None = None) -> None:
+        super().__init__(cfg, env or DistEnv())
         backbone = backbone_from_config(cfg.model)
         dino_head, ibot_head = build_heads(cfg.heads, backbone.embed_dim)
         self.shared_head = ibot_head is dino_head
@@ -83,23 +169,31 @@ class SSLTask(TrainTask):
         self.ibot_center = Centering(k_ibot, cfg.loss.center_momentum)
         self.dino_center.to(self.device)
         self.ibot_center.to(self.device)
-        self.depth = len(backbone.blocks)
-        self.distributed = (dist.is_available() and dist.is_initialized()
-                            and dist.get_world_size() > 1)
+        self.distributed = self.env.is_distributed
         self.patch_size = backbone.patch_size
+        self.schedules = SSLSchedules(cfg.optim, cfg.loss, cfg.total_steps())
+        self._ema: tuple[list[Tensor], list[Tensor]] | None = None
         self._head_flops = {k: linear_flops(m) for k, m in parts.items() if k != "backbone"}
         self._flops_cache: dict[tuple, float] = {}
 
-    # -------------------------------------------------------------- TrainTask interface
+    @classmethod
+    def device_layout(cls, cfg: SSLConfig, env: DistEnv) -> SSLConfig:
+        """One device: no FSDP2 / activation checkpointing when the step's memory estimate fits
+        (dinosys.distributed.layout)."""
+        from dinosys.distributed.layout import apply_single_device_layout
+
+        return apply_single_device_layout(cfg, env)[0]
+
+    # -------------------------------------------------------------- modules and data
 
     def trainable_modules(self) -> Mapping[str, nn.Module]:
         return dict(self.student.items())
 
-    def backbone_depth(self) -> int:
-        return self.depth
-
-    def ema_modules(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.teacher, self.student)]
+    def shard(self) -> None:
+        """Student and teacher sharded identically (their EMA pairs are local shards)."""
+        mesh = build_mesh(self.env, self.cfg.dist)
+        shard_modules(self.student, self.env, self.cfg.dist, mesh, trainable=True)
+        shard_modules(self.teacher, self.env, self.cfg.dist, mesh, trainable=False)
 
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         return {"student": self.student, "teacher": self.teacher}
@@ -116,8 +210,47 @@ class SSLTask(TrainTask):
             if "ibot_center" in state:
                 self.ibot_center.center.copy_(state["ibot_center"])
 
-    def export_backbone(self) -> nn.Module:
-        return self.teacher["backbone"]
+    def build_loader(self) -> Iterable[Any]:
+        """Multi-crop + iBOT masks over the run's sources (resumable, rank-split)."""
+        from dinosys.data.multicrop import build_ssl_loader
+
+        return build_ssl_loader(self.cfg, self.env.rank, self.env.world_size, self.patch_size)
+
+    def prepare_batch(self, batch: Any) -> Any:
+        """Device-side photometric ops (``data.gpu_augment``), then tensors to the device."""
+        from dinosys.data.gpu_augment import apply_photometric
+
+        return super().prepare_batch(apply_photometric(batch, self.device))
+
+    def exports(self) -> dict[str, Exportable]:
+        """The EMA teacher backbone."""
+        cfg = self.cfg
+        card = {"mean": list(cfg.crops.mean), "std": list(cfg.crops.std),
+                "objective": "DINOv2 (DINO + iBOT + KoLeo), EMA teacher backbone"}
+        build = lambda: backbone_from_config(  # noqa: E731
+            dataclasses.replace(cfg.model, drop_path_rate=0.0))
+        return {"teacher": Exportable(self.teacher["backbone"], build, card)}
+
+    # -------------------------------------------------------------- schedules and hooks
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        return {"momentum": self.schedules.momentum(step),
+                "teacher_temp": self.schedules.teacher_temp(step)}
+
+    def before_optimizer_step(self, step: int) -> None:
+        """The heads' last layer stays frozen early on: its gradients are dropped (AdamW then
+        skips it: no update, no state), before clipping."""
+        if self.schedules.last_layer_frozen(step):
+            for module in self.student.values():
+                for name, param in module.named_parameters():
+                    if "last_layer" in name:
+                        param.grad = None
+
+    def after_optimizer_step(self, step: int, applied: Tensor) -> None:
+        """Teacher EMA update on the local shards (none when the step was skipped)."""
+        if self._ema is None:
+            self._ema = ema_pairs(self.teacher, self.student)
+        ema_update(*self._ema, self.schedules.momentum(step), apply=applied)
 
     # -------------------------------------------------------------- the objective
 
@@ -147,18 +280,15 @@ class SSLTask(TrainTask):
             ibot_probs = sinkhorn_knopp(patch_logits, temp, loss_cfg.sinkhorn_iterations)
         return dino_probs, ibot_probs, collapse_stats(dino_probs)
 
-    def forward_loss(self, batch: Mapping[str, Any], sched: ScheduleValues) -> dict[str, Any]:
-        dev = self.device
-        global_crops = batch["global_crops"].to(dev, non_blocking=True)
-        local_crops = batch["local_crops"].to(dev, non_blocking=True)
-        masks = batch["masks"].to(dev, non_blocking=True)
-        mask_indices = batch["mask_indices"].to(dev, non_blocking=True)
-        mask_weights = batch["mask_weights"].to(dev, non_blocking=True)
+    def forward_loss(self, batch: Mapping[str, Any], step: int) -> dict[str, Any]:
+        global_crops, local_crops = batch["global_crops"], batch["local_crops"]
+        masks, mask_indices = batch["masks"], batch["mask_indices"]
+        mask_weights = batch["mask_weights"]
         n_images = global_crops.shape[0]  # 2B
         loss_cfg = self.cfg.loss
 
-        dino_probs, ibot_probs, stats = self._teacher_targets(global_crops, mask_indices,
-                                                              sched.teacher_temp)
+        dino_probs, ibot_probs, stats = self._teacher_targets(
+            global_crops, mask_indices, self.schedules.teacher_temp(step))
         has_local = local_crops.numel() > 0
         crops = [global_crops, local_crops] if has_local else [global_crops]
         crop_masks = [masks, None] if has_local else [masks]
@@ -215,12 +345,3 @@ class SSLTask(TrainTask):
         heads_student = dino_h * (n_g + n_l) + ibot_h * m
         heads_teacher = dino_h * n_g + ibot_h * m
         return bb_student + 3.0 * heads_student + bb_teacher + heads_teacher
-
-
-def check_finite_config(cfg: TrainConfig) -> None:
-    """Reject loss weights that cannot train (all zero)."""
-    w = cfg.loss
-    if not any(math.isfinite(x) and x > 0 for x in (w.dino_weight, w.ibot_weight, w.koleo_weight)):
-        from dinosys.errors import ConfigError
-
-        raise ConfigError("config keys 'loss.*_weight': at least one loss weight must be > 0")

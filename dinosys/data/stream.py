@@ -1,4 +1,10 @@
-"""The resumable, deterministic streaming loader for SSL pretraining (``build_ssl_loader``).
+"""The generic training sample stream: deterministic, resumable, rank-split, bad data counted.
+
+:class:`SampleLoader` reads the run's sources (``data:``, folders / lists / shards, weighted) in a
+global order fixed by (seed, epoch) and hands every sample, with every member (image, caption,
+label, metadata: :class:`~dinosys.data.sources.Sample`), to the task's :class:`BatchTransform`,
+which turns a batch's samples into tensors (multi-crop + masks for SSL:
+:mod:`dinosys.data.multicrop`; image + text for CLIP; ...).
 
 Order: :class:`~dinosys.data.order.EpochOrder` fixes every epoch's global sample order from
 (seed, epoch). Global batch ``t`` of an epoch is positions ``[c0 + t*G, c0 + (t+1)*G)`` with
@@ -13,62 +19,112 @@ together (identical on every rank). Resuming at the same world size continues wi
 unseen sample. If the world size or batch size changes, the remaining samples of the current
 epoch (``[consumed, len)``) are re-split across the new ranks: still no repeats and no gaps.
 
-Randomness: crops use ``default_rng([seed, epoch, position])`` per sample and masks
-``default_rng([seed, epoch, first position of the batch, rank-independent tag])``, so results do
-not depend on the number of workers. Bad samples (see :mod:`dinosys.data.decode`) are replaced by
-a deterministic pseudo-random other sample of the same epoch, counted by reason and logged.
-
-``data.gpu_augment``: workers only decode, crop and flip; batches carry uint8 crops and the
-crops' photometric parameters under ``batch["photometric"]`` (same random draws), which
-:func:`dinosys.data.gpu_augment.apply_photometric` turns into the usual normalised crops on the
-training device.
+Randomness: a sample's transform gets ``default_rng([seed, epoch, position])`` and a batch's
+:class:`BatchContext` the seed, epoch and first position, so results do not depend on the number
+of workers. Bad samples (see :mod:`dinosys.data.decode`) are replaced by a deterministic
+pseudo-random other sample of the same epoch, counted by reason and logged.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dinosys.config import TrainConfig
-from dinosys.data.augment import CropParams, MultiCropAugmentation
-from dinosys.data.collate import CropBuffers, assemble_ssl_batch
+from dinosys.config import ConfigError, Section, check_choice, check_range
 from dinosys.data.decode import BadImageError
-from dinosys.data.gpu_augment import PARAMS_KEY, PhotometricParams
-from dinosys.data.masking import MaskGenerator
 from dinosys.data.order import EpochOrder
-from dinosys.data.sources import build_source
+from dinosys.data.sources import DataSourceConfig, Sample, build_source
 from dinosys.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+BAD_FRACTION_MIN_SAMPLES = 64  # data.max_bad_fraction is judged from this many samples on
 MAX_REPLACEMENTS = 32
 BAD_FRACTION_MIN_SAMPLES = 64  # data.max_bad_fraction is judged from this many samples on
 _LOG_FIRST_N_PER_REASON = 10
-_STREAM_REPLACE, _STREAM_MASK = 21, 22
+_STREAM_REPLACE = 21
 
 
-class SSLStream(IterableDataset):
+@dataclass
+class DataConfig(Section):
+    """Training input pipeline."""
+
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    batch_size_per_gpu: int = 64
+    num_workers: int = 8
+    shuffle_buffer: int = 2000  # samples per shuffle window (shards shuffled, then samples within)
+    decoder: str = "auto"  # auto, simplejpeg, pil
+    max_image_pixels: int = 89_478_485  # Pillow's decompression-bomb limit
+    gpu_augment: bool = False  # colour/blur/solarize on the training device (data/gpu_augment.py)
+    # a missing source or kNN folder inside this root (<root>/mnist/train...) gets the embedded
+    # data built there; a missing path anywhere else is "not found"
+    builtin_root: str = "data/builtin"
+    # stop with an error when more than this fraction of the samples read so far (at least
+    # BAD_FRACTION_MIN_SAMPLES) was unreadable: damaged shards, corrupt images, missing files
+    max_bad_fraction: float = 0.1
+
+    def validate(self) -> None:
+        check_choice(self.decoder, ("auto", "simplejpeg", "pil"), "data.decoder")
+        if self.batch_size_per_gpu < 1:
+            raise ConfigError("config key 'data.batch_size_per_gpu': must be >= 1")
+        check_range(self.max_bad_fraction, "data.max_bad_fraction", 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """Where a batch sits in the stream: seed, epoch and this rank's first global position."""
+
+    seed: int
+    epoch: int
+    first: int
+    shared: bool  # built in a DataLoader worker: tensors go to shared memory
+
+
+class BatchTransform(ABC):
+    """A task's per-sample transform and collation. Must be picklable (DataLoader workers).
+
+    For each batch the stream calls :meth:`start`, then :meth:`add` for sample slots
+    ``0 .. batch_size-1`` (again for the same slot with a replacement sample when ``add`` raised
+    :class:`~dinosys.data.decode.BadImageError`, so ``add`` must overwrite the slot), then
+    :meth:`finish`, which returns the batch (a dict with ``"batch_size"`` by convention).
+    """
+
+    @abstractmethod
+    def start(self, batch_size: int, ctx: BatchContext) -> Any:
+        """Fresh per-batch state (e.g. preallocated tensors)."""
+
+    @abstractmethod
+    def add(self, state: Any, slot: int, sample: Sample, rng: np.random.Generator) -> None:
+        """Transform ``sample`` into slot ``slot`` of ``state``; ``rng`` is the sample's own
+        generator. Raise BadImageError for unusable data (the sample is replaced)."""
+
+    @abstractmethod
+    def finish(self, state: Any, ctx: BatchContext) -> dict[str, Any]:
+        """The batch built from ``state``."""
+
+
+class SampleStream(IterableDataset):
     """Yields (batch dict, bad-sample events, (epoch, consumed after this batch)) forever."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, patch_size: int,
-                 sources: list, weights: list[float], start_epoch: int, start_consumed: int
-                 ) -> None:
+    def __init__(self, data: DataConfig, seed: int, rank: int, world_size: int,
+                 transform: BatchTransform, sources: list, weights: list[float],
+                 start_epoch: int, start_consumed: int) -> None:
         super().__init__()
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.batch_size = cfg.data.batch_size_per_gpu
+        self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
+        self.transform = transform
+        self.batch_size = data.batch_size_per_gpu
         self.sources, self.weights = sources, weights
         self.start_epoch, self.start_consumed = start_epoch, start_consumed
-        self.augment = MultiCropAugmentation(cfg.crops)
-        grid = cfg.crops.global_size // patch_size
-        self.mask_gen = MaskGenerator(grid, cfg.masking)
         self._orders: dict[int, EpochOrder] = {}
 
     def order(self, epoch: int) -> EpochOrder:
@@ -76,8 +132,8 @@ class SSLStream(IterableDataset):
         if epoch not in self._orders:
             if len(self._orders) > 1:
                 self._orders.pop(min(self._orders))
-            self._orders[epoch] = EpochOrder(self.sources, self.weights, self.cfg.seed, epoch,
-                                             max(1, self.cfg.data.shuffle_buffer))
+            self._orders[epoch] = EpochOrder(self.sources, self.weights, self.seed, epoch,
+                                             max(1, self.data.shuffle_buffer))
         return self._orders[epoch]
 
     def schedule(self) -> Iterator[tuple[int, int, int]]:
@@ -94,33 +150,25 @@ class SSLStream(IterableDataset):
                 consumed += g
             epoch, consumed = epoch + 1, 0
 
-    def _load(self, order: EpochOrder, epoch: int, position: int, events: list,
-              out: dict[str, list[np.ndarray]]) -> tuple[int, list[CropParams] | None]:
-        """Render the sample at ``position`` (or its replacement) into ``out``; return its label
-        and, with ``data.gpu_augment`` (geometric crops only), its crop parameters."""
-        seed = self.cfg.seed
-        slot = position
+    def _load(self, order: EpochOrder, epoch: int, position: int, events: list, state: Any,
+              slot: int) -> None:
+        """Transform the sample at ``position`` (or its replacement) into ``slot``."""
+        index = position
         for attempt in range(MAX_REPLACEMENTS + 1):
-            src, item = order[slot]
+            src, item = order[index]
             where = f"{self.sources[src].name}#{item}"
             try:
-                raw = self.sources[src].read(item)
-                where = raw.where
-                rng = np.random.default_rng([seed, epoch, position])
-                data = self.cfg.data
-                if data.gpu_augment:
-                    _, params = self.augment.geometric_from_bytes(
-                        raw.data, rng, data.max_image_pixels, data.decoder, out=out)
-                    return raw.label, params
-                self.augment.from_bytes(raw.data, rng, data.max_image_pixels, data.decoder,
-                                        out=out)
-                return raw.label, None
+                sample = self.sources[src].read(item)
+                where = sample.where
+                rng = np.random.default_rng([self.seed, epoch, position])
+                self.transform.add(state, slot, sample, rng)
+                return
             except BadImageError as exc:
                 events.append((exc.reason, where, exc.detail))
             except Exception as exc:  # a decoder bug on odd data must not stop training
                 events.append(("decode_error", where, f"{type(exc).__name__}: {exc}"[:120]))
-            rng = np.random.default_rng([seed, epoch, _STREAM_REPLACE, position, attempt])
-            slot = int(rng.integers(len(order)))
+            rng = np.random.default_rng([self.seed, epoch, _STREAM_REPLACE, position, attempt])
+            index = int(rng.integers(len(order)))
         raise UserError(f"{MAX_REPLACEMENTS + 1} bad samples in a row around position {position} "
                         f"of epoch {epoch}: is the data readable? last: {events[-1]}")
 
@@ -129,22 +177,11 @@ class SSLStream(IterableDataset):
         order = self.order(epoch)
         begin = first + self.rank * self.batch_size
         events: list = []
-        gpu_augment = self.cfg.data.gpu_augment  # uint8 crops + photometric parameters
-        buffers = CropBuffers(self.batch_size, self.cfg.crops, shared=get_worker_info() is not None,
-                              dtype=torch.uint8 if gpu_augment else torch.float32)
-        photometric = PhotometricParams(self.batch_size, self.cfg.crops) if gpu_augment else None
-        labels = []
-        for i, p in enumerate(range(begin, begin + self.batch_size)):
-            label, crop_params = self._load(order, epoch, p, events, buffers.views(i))
-            labels.append(label)
-            if photometric is not None:
-                photometric.set_sample(i, crop_params)
-        mask_rng = np.random.default_rng([self.cfg.seed, epoch, _STREAM_MASK, begin])
-        batch = assemble_ssl_batch(buffers.global_crops, buffers.local_crops, labels,
-                                   self.mask_gen, mask_rng)
-        if photometric is not None:
-            batch[PARAMS_KEY] = photometric.as_dict()
-        return batch, events
+        ctx = BatchContext(self.seed, epoch, begin, shared=get_worker_info() is not None)
+        state = self.transform.start(self.batch_size, ctx)
+        for slot, position in enumerate(range(begin, begin + self.batch_size)):
+            self._load(order, epoch, position, events, state, slot)
+        return self.transform.finish(state, ctx), events
 
     def __iter__(self) -> Iterator[tuple[dict, list, tuple[int, int]]]:
         info = get_worker_info()
@@ -170,43 +207,43 @@ def ignore_preemption_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-class SSLLoader:
-    """Infinite iterable of SSL batch dicts with a resumable position (see the module docstring).
+class SampleLoader:
+    """Infinite iterable of batch dicts with a resumable position (see the module docstring).
 
     ``state_dict()`` -> {"version", "epoch", "consumed", "seed", "world_size", "batch_size",
     "samples_per_epoch"}: the position after the last batch handed out. ``load_state_dict``
     before iterating resumes there. ``stats()`` -> bad-sample counts by reason.
     """
 
-    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, patch_size: int) -> None:
-        if not cfg.data.sources:
+    def __init__(self, data: DataConfig, seed: int, rank: int, world_size: int,
+                 transform: BatchTransform) -> None:
+        if not data.sources:
             raise UserError("data.sources is empty: give at least one image folder, .txt list "
                             "or shard pattern (e.g. data.sources=[{path: DIR}])")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        if cfg.crops.global_size % patch_size:
-            raise UserError(f"crops.global_size {cfg.crops.global_size} is not a multiple of the "
-                            f"patch size {patch_size}")
-        self.cfg, self.rank, self.world_size, self.patch_size = cfg, rank, world_size, patch_size
-        self.batch_size = cfg.data.batch_size_per_gpu
-        self.sources = [build_source(s) for s in cfg.data.sources]
-        self.weights = [float(s.weight) for s in cfg.data.sources]
+        self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
+        self.transform = transform
+        self.batch_size = data.batch_size_per_gpu
+        self.sources = [build_source(s) for s in data.sources]
+        self.weights = [float(s.weight) for s in data.sources]
         if any(w < 0 for w in self.weights) or not any(w > 0 for w in self.weights):
             raise UserError("data.sources weights must be >= 0 with at least one > 0")
         self.epoch, self.consumed = 0, 0
         self._bad: Counter[str] = Counter()
         self._recent_bad: list[str] = []
         self._batches = 0
-        self._probe = SSLStream(cfg, rank, world_size, patch_size, self.sources, self.weights, 0, 0)
+        self._probe = self._stream(0, 0)
         if self.samples_per_epoch < world_size * self.batch_size:
             raise UserError(f"an epoch has {self.samples_per_epoch} samples, fewer than one global "
                             f"batch of {world_size * self.batch_size} (world size x "
                             "data.batch_size_per_gpu): add data or lower the batch size")
-        logger.info("SSL data: %s", ", ".join(f"{s.name} ({len(s)} samples, weight {w:g})"
-                                               for s, w in zip(self.sources, self.weights)))
-        if cfg.data.gpu_augment and not torch.cuda.is_available():
-            logger.warning("data.gpu_augment is on without CUDA: the photometric ops run as "
-                           "torch ops on the CPU, slower than the default CPU path")
+        logger.info("data: %s", ", ".join(f"{s.name} ({len(s)} samples, weight {w:g})"
+                                           for s, w in zip(self.sources, self.weights)))
+
+    def _stream(self, epoch: int, consumed: int) -> SampleStream:
+        return SampleStream(self.data, self.seed, self.rank, self.world_size, self.transform,
+                            self.sources, self.weights, epoch, consumed)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -221,7 +258,7 @@ class SSLLoader:
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: the next batch is the first unseen one."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
-                "seed": self.cfg.seed, "world_size": self.world_size,
+                "seed": self.seed, "world_size": self.world_size,
                 "batch_size": self.batch_size, "samples_per_epoch": self.samples_per_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -230,9 +267,9 @@ class SSLLoader:
             raise UserError(f"data loader state version {state.get('version')} is not "
                             f"{STATE_VERSION}: cannot resume the data position")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
-        if int(state.get("seed", self.cfg.seed)) != self.cfg.seed:
+        if int(state.get("seed", self.seed)) != self.seed:
             logger.warning("data state was saved with seed %s, now %s: the order changes",
-                           state.get("seed"), self.cfg.seed)
+                           state.get("seed"), self.seed)
         n = self.samples_per_epoch
         if int(state.get("samples_per_epoch", n)) != n:
             logger.warning("epoch %d had %s samples when saved, now %d (data changed): "
@@ -271,14 +308,24 @@ class SSLLoader:
                             f"e.g. {self._recent_bad[-1]}), more than data.max_bad_fraction="
                             f"{limit:g}: repair or remove the damaged data, or raise the limit")
 
+    def _check_bad_fraction(self) -> None:
+        """UserError when too large a share of the samples read so far was unreadable."""
+        bad = sum(self._bad.values())
+        read = bad + self._batches * self.batch_size
+        limit = self.data.max_bad_fraction
+        if read >= BAD_FRACTION_MIN_SAMPLES and bad > limit * read:
+            reasons = ", ".join(f"{r}: {n}" for r, n in self._bad.most_common())
+            raise UserError(f"{bad} of the {read} samples read so far were unreadable ({reasons}; "
+                            f"e.g. {self._recent_bad[-1]}), more than data.max_bad_fraction="
+                            f"{limit:g}: repair or remove the damaged data, or raise the limit")
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        stream = SSLStream(self.cfg, self.rank, self.world_size, self.patch_size, self.sources,
-                           self.weights, self.epoch, self.consumed)
-        workers = self.cfg.data.num_workers
+        stream = self._stream(self.epoch, self.consumed)
+        workers = self.data.num_workers
         if workers > 0:
             # a private generator: without it the worker base seed is drawn from the global
             # torch RNG, which shifts the model's RNG stream (drop path) after a resume
-            seed = np.random.SeedSequence([self.cfg.seed, self.rank, self.epoch, self.consumed])
+            seed = np.random.SeedSequence([self.seed, self.rank, self.epoch, self.consumed])
             generator = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
             it = iter(DataLoader(stream, batch_size=None, num_workers=workers,
                                  pin_memory=torch.cuda.is_available(), prefetch_factor=2,
@@ -297,8 +344,3 @@ class SSLLoader:
                 yield batch
         finally:
             del it  # stop the workers now, not when a traceback holding this frame is collected
-
-
-def build_ssl_loader(cfg: TrainConfig, rank: int, world_size: int, patch_size: int) -> SSLLoader:
-    """The SSL training loader of ``rank`` out of ``world_size`` (see SSLLoader)."""
-    return SSLLoader(cfg, rank, world_size, patch_size)

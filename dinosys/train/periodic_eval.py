@@ -1,0 +1,90 @@
+"""Evaluations the loop runs every so many steps (a collapse watch during training).
+
+The loop only knows :class:`PeriodicEvaluator`: a callable ``(task, step) -> metrics`` with a
+``name`` and an ``every_n_steps``. ``build_periodic_evaluators`` makes the ones a run config asks
+for (today the weighted kNN on image folders, on the task's main export).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dinosys.config import ConfigError, Section
+from dinosys.errors import UserError
+
+if TYPE_CHECKING:
+    from dinosys.train.tasks.base import RunConfig, TrainTask
+
+
+@dataclass
+class PeriodicEvalConfig(Section):
+    """kNN evaluation during training (collapse watch)."""
+
+    knn_every_n_steps: int = 0  # 0: off
+    knn_train: str | None = None
+    knn_val: str | None = None
+    knn_k: list[int] = field(default_factory=lambda: [10, 20])
+    knn_temperature: float = 0.07
+
+    def validate(self) -> None:
+        if self.knn_every_n_steps < 0:
+            raise ConfigError("config key 'eval.knn_every_n_steps': must be >= 0 (0: off)")
+
+
+class PeriodicEvaluator(Protocol):
+    """What the loop calls every ``every_n_steps`` steps, on every rank (collectives allowed)."""
+
+    name: str
+    every_n_steps: int
+    last: dict[str, Any] | None  # the full result of the latest call (run summary, model card)
+
+    def __call__(self, task: TrainTask, step: int) -> dict[str, float]:
+        """Evaluate the task's current model; returns the scalars to log (metrics.jsonl)."""
+
+
+class KnnEvaluator:
+    """Weighted kNN top-1 of the task's main exported model (its live, possibly sharded module)
+    on two image folders ``DIR/<class>/<image>``."""
+
+    name = "knn"
+
+    def __init__(self, every_n_steps: int, train: Any, val: Any, ks: Sequence[int],
+                 temperature: float) -> None:
+        self.every_n_steps = every_n_steps
+        self.train, self.val, self.ks, self.temperature = train, val, list(ks), temperature
+        self.last: dict[str, Any] | None = None
+
+    def __call__(self, task: TrainTask, step: int) -> dict[str, float]:
+        """kNN on the current weights; logs ``knn_top1/<k>``."""
+        from dinosys.eval.knn import knn_eval_module
+
+        module = next(iter(task.exports().values())).module
+        self.last = knn_eval_module(module, self.train, self.val, self.ks, self.temperature,
+                                    device=task.device)
+        return {f"knn_top1/{k}": v for k, v in self.last["top1"].items()}
+
+
+def build_periodic_evaluators(cfg: RunConfig, task: TrainTask) -> list[PeriodicEvaluator]:
+    """The evaluators ``cfg.eval`` turns on, set up for ``task``'s main export."""
+    ev = cfg.eval
+    evaluators: list[PeriodicEvaluator] = []
+    if ev.knn_every_n_steps:
+        if not (ev.knn_train and ev.knn_val):
+            raise UserError("eval.knn_every_n_steps > 0 needs eval.knn_train and eval.knn_val "
+                            "(image folders DIR/<class>/<image>)")
+        from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
+        from dinosys.eval.images import load_image_folder
+        from dinosys.eval.models import model_image_size
+
+        main = next(iter(task.exports().values()))
+        size = model_image_size(main.module)
+        mean = main.card.get("mean", IMAGENET_MEAN)
+        std = main.card.get("std", IMAGENET_STD)
+        train = load_image_folder(Path(ev.knn_train), size, mean, std)
+        val = load_image_folder(Path(ev.knn_val), size, mean, std)
+        evaluators.append(KnnEvaluator(ev.knn_every_n_steps, train, val, ev.knn_k,
+                                       ev.knn_temperature))
+    return evaluators
