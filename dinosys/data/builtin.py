@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from dinosys.progress import progress_bar
 
 from dinosys.atomic import write_atomic
 from dinosys.data.captions import builtin_caption
@@ -210,7 +210,8 @@ def _build_set(set_name: str, tmp: Path) -> dict:
     shard_items: list[tuple[str, Item, bytes]] = []
     skipped: list[str] = []
     items = SOURCES[set_name](skipped)
-    for item in tqdm(items, desc=f"builtin {set_name}", unit="img", leave=False, disable=None):
+    for item in progress_bar(items, desc=f"builtin {set_name}", unit="img", leave=False,
+                             disable=None):
         png = encode_image(Image.fromarray(item.pixels), "PNG")
         path = set_dir / _item_relpath(item)
         path.parent.mkdir(parents=True, exist_ok=True)
