@@ -14,9 +14,8 @@ from dinosys.distributed.fsdp import DistConfig
 from dinosys.models.heads import HeadConfig
 from dinosys.models.vit import BackboneConfig
 from dinosys.train.metrics import LogConfig
-from dinosys.train.optim import OptimConfig
 from dinosys.train.periodic_eval import PeriodicEvalConfig
-from dinosys.train.tasks.ssl import SSLLossConfig
+from dinosys.train.tasks.ssl import SSLLossConfig, SSLOptimConfig
 from dinosys.train.train_state import CheckpointConfig
 
 MODES = ("auto", "heads", "features")
@@ -90,7 +89,7 @@ class DistillConfig:
     crops: CropConfig = field(default_factory=CropConfig)
     masking: MaskConfig = field(default_factory=MaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: SSLOptimConfig = field(default_factory=SSLOptimConfig)  # + EMA momentum
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -29,7 +29,9 @@ _BUILTIN_PATH = re.compile(rf"^(?P<root>.*?)/?(?:shards/)?(?P<set>{'|'.join(BUIL
 
 def total_steps_of(cfg: RunConfig) -> int:
     """``max_steps`` if set, else ``optim.epochs * optim.iters_per_epoch``."""
-    steps = cfg.total_steps()
+    steps = cfg.max_steps
+    if steps is None:
+        steps = cfg.optim.epochs * cfg.optim.iters_per_epoch
     if steps < 1:
         raise UserError(f"training needs at least one step (max_steps={cfg.max_steps}, "
                         f"optim.epochs={cfg.optim.epochs})")

@@ -31,8 +31,8 @@ def _task(teacher: Path, students: list[StudentConfig], mode: str = "auto", **cr
 
 def test_head_mode_needs_a_teacher_with_heads(teacher_run: Path) -> None:
     with pytest.raises(UserError, match="has no DINO/iBOT heads .*loss.mode=features"):
-        _task(teacher_run / "export", [_student()], mode="heads")
-    assert _task(teacher_run / "export", [_student()]).mode == "features"  # auto
+        _task(teacher_run / "export" / "teacher", [_student()], mode="heads")
+    assert _task(teacher_run / "export" / "teacher", [_student()]).mode == "features"  # auto
     assert _task(teacher_run, [_student()]).mode == "heads"
 
 
@@ -62,7 +62,7 @@ def test_student_larger_than_teacher_warns(teacher_run: Path, caplog) -> None:
 def test_cli_exit_2_one_line_and_no_run_directory(teacher_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = run_cli("distill", "mnist_demo_cpu", "--out", str(out),
-                  f"teacher.path={teacher_run / 'export'}", "loss.mode=heads")
+                  f"teacher.path={teacher_run / 'export' / 'teacher'}", "loss.mode=heads")
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no DINO/iBOT heads" in lines[0], res.stderr

@@ -60,7 +60,7 @@ def test_head_mode_trains_on_the_teachers_normalised_head_outputs(teacher_run: P
 
 
 def test_feature_mode_with_projection(teacher_run: Path) -> None:
-    teacher = load_teacher(teacher_run / "export")
+    teacher = load_teacher(teacher_run / "export" / "teacher")
     student = Student(_student_cfg(width=24), teacher, DistillLossConfig(mode="features",
                                                                          koleo_weight=0.0),
                       "features")

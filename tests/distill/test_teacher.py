@@ -23,7 +23,7 @@ def test_run_teacher_has_heads_and_matches_the_export(teacher_run: Path) -> None
     assert teacher.has_heads and teacher.kind == "checkpoint"
     assert teacher.dino_head.n_prototypes == 64 and teacher.ibot_head is teacher.dino_head
     x = _images()
-    ref = dinosys.export.load(teacher_run / "export")(x)
+    ref = dinosys.export.load(teacher_run / "export" / "teacher")(x)
     out = teacher.encode(x)
     torch.testing.assert_close(out["cls"], ref["x_norm_clstoken"])
     torch.testing.assert_close(out["patches"], ref["x_norm_patchtokens"])
@@ -42,7 +42,8 @@ def test_run_teacher_has_heads_and_matches_the_export(teacher_run: Path) -> None
 @pytest.mark.parametrize("layout", ["export", "timm", "hf", "file"])
 def test_backbone_only_sources(teacher_run: Path, tmp_path: Path, layout: str) -> None:
     out = tmp_path / "exp"
-    export_model(teacher_run / "export", out, ["timm", "hf"] if layout in ("timm", "hf") else [])
+    export_model(teacher_run / "export" / "teacher", out,
+                 ["timm", "hf"] if layout in ("timm", "hf") else [])
     ref_model = dinosys.export.load(out)
     path = {"export": out, "timm": out / "timm", "hf": out / "hf"}.get(layout)
     if layout == "file":
@@ -75,6 +76,7 @@ def test_bad_teacher_paths(tmp_path: Path) -> None:
 
 
 def test_place_teacher_dtype(teacher_run: Path) -> None:
-    teacher = place_teacher(load_teacher(teacher_run / "export"), torch.device("cpu"), "bf16")
+    teacher = place_teacher(load_teacher(teacher_run / "export" / "teacher"),
+                            torch.device("cpu"), "bf16")
     assert next(teacher.parameters()).dtype == torch.bfloat16
     assert teacher.encode(_images())["cls"].dtype == torch.bfloat16
