@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 BAD_FRACTION_MIN_SAMPLES = 64  # data.max_bad_fraction is judged from this many samples on
 MAX_REPLACEMENTS = 32
-BAD_FRACTION_MIN_SAMPLES = 64  # data.max_bad_fraction is judged from this many samples on
 _LOG_FIRST_N_PER_REASON = 10
 _STREAM_REPLACE = 21
 
@@ -211,8 +210,9 @@ class SampleLoader:
     """Infinite iterable of batch dicts with a resumable position (see the module docstring).
 
     ``state_dict()`` -> {"version", "epoch", "consumed", "seed", "world_size", "batch_size",
-    "samples_per_epoch"}: the position after the last batch handed out. ``load_state_dict``
-    before iterating resumes there. ``stats()`` -> bad-sample counts by reason.
+    "samples_per_epoch", "bad"}: the position after the last batch handed out and this rank's
+    bad-sample counts. ``load_state_dict`` before iterating resumes there (the counts continue).
+    ``stats()`` -> bad-sample counts by reason.
     """
 
     def __init__(self, data: DataConfig, seed: int, rank: int, world_size: int,
@@ -259,7 +259,8 @@ class SampleLoader:
         """JSON-serialisable position: the next batch is the first unseen one."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
                 "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "samples_per_epoch": self.samples_per_epoch}
+                "batch_size": self.batch_size, "samples_per_epoch": self.samples_per_epoch,
+                "bad": dict(self._bad), "batches": self._batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state`` (see the module docstring for a changed world size)."""
@@ -267,6 +268,8 @@ class SampleLoader:
             raise UserError(f"data loader state version {state.get('version')} is not "
                             f"{STATE_VERSION}: cannot resume the data position")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self._bad = Counter({str(k): int(v) for k, v in (state.get("bad") or {}).items()})
+        self._batches = int(state.get("batches", 0))
         if int(state.get("seed", self.seed)) != self.seed:
             logger.warning("data state was saved with seed %s, now %s: the order changes",
                            state.get("seed"), self.seed)
@@ -296,17 +299,6 @@ class SampleLoader:
             n = self._bad[reason]
             if n <= _LOG_FIRST_N_PER_REASON or n % 1000 == 0:
                 logger.warning("skipped bad sample (%s, %d so far) %s %s", reason, n, where, detail)
-
-    def _check_bad_fraction(self) -> None:
-        """UserError when too large a share of the samples read so far was unreadable."""
-        bad = sum(self._bad.values())
-        read = bad + self._batches * self.batch_size
-        limit = self.cfg.data.max_bad_fraction
-        if read >= BAD_FRACTION_MIN_SAMPLES and bad > limit * read:
-            reasons = ", ".join(f"{r}: {n}" for r, n in self._bad.most_common())
-            raise UserError(f"{bad} of the {read} samples read so far were unreadable ({reasons}; "
-                            f"e.g. {self._recent_bad[-1]}), more than data.max_bad_fraction="
-                            f"{limit:g}: repair or remove the damaged data, or raise the limit")
 
     def _check_bad_fraction(self) -> None:
         """UserError when too large a share of the samples read so far was unreadable."""

@@ -71,8 +71,9 @@ from dinosys.distributed.state_adapters import (
 )
 from dinosys.errors import UserError
 
-__all__ = ["CheckpointManager", "OptimizerState", "capture_rng_state", "consolidated_state_dict",
-           "is_checkpoint", "load_backbone_state", "resolve_checkpoint", "restore_rng_state"]
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "OptimizerState", "capture_rng_state",
+           "consolidated_state_dict", "is_checkpoint", "load_backbone_state", "resolve_checkpoint",
+           "restore_rng_state"]
 
 log = logging.getLogger(__name__)
 
@@ -340,9 +341,9 @@ class CheckpointManager:
             problem = _layout_mismatch(exc)
             if problem is None:
                 raise _load_failure(path, exc) from exc
-            raise UserError(f"checkpoint {path} does not match what is being resumed ({problem}); "
-                            "resume with the config it was saved with, or use a new run "
-                            "directory") from exc
+            raise CheckpointMismatchError(
+                f"checkpoint {path} does not match what is being resumed ({problem}); resume "
+                "with the config it was saved with, or use a new run directory") from exc
         same = len(saved) == world
         info.update(saved_world_size=len(saved), same_world_size=same,
                     rank_states=[entry["rank_state"] for entry in saved],
@@ -373,6 +374,10 @@ def _layout_mismatch(exc: BaseException) -> str | None:
         if match:
             return match.group(1).rstrip(".")
     return None
+
+
+class CheckpointMismatchError(UserError):
+    """The checkpoint holds other tensors (names or shapes) than the state being loaded."""
 
 
 def _os_error(exc: BaseException) -> OSError | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,8 +66,10 @@ class Trainer:
 
     def __init__(self, task: TrainTask, loader: Any, cfg: RunConfig, env: DistEnv,
                  run_dir: Path, total_steps: int, total_batch: int,
-                 evaluators: Sequence[PeriodicEvaluator] = ()) -> None:
+                 evaluators: Sequence[PeriodicEvaluator] = (),
+                 on_start: Callable[[int], None] | None = None) -> None:
         self.task, self.loader, self.cfg, self.env = task, loader, cfg, env
+        self.on_start = on_start  # called with the start step once the checkpoint is loaded
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
         self.total_batch = total_batch
@@ -143,11 +145,13 @@ class Trainer:
         """Train from the latest checkpoint (if resuming) to ``total_steps`` or preemption."""
         cfg = self.cfg
         start = self.state.restore() if cfg.checkpoint.resume else 0
-        if start:
+        if self.on_start is not None:
+            self.on_start(start)  # e.g. write config.yaml: the checkpoint accepted this config
+        if self.env.is_main:  # also from step 0: a run killed before its first checkpoint
             from dinosys.train.metrics import truncate_after
 
-            if self.env.is_main:
-                truncate_after(self.metrics.path, start)
+            truncate_after(self.metrics.path, start)
+        if start:
             log.info("resumed from step %d", start)
         preempt = PreemptionFlag().install()
         it = iter(self.loader)
@@ -228,6 +232,7 @@ class Trainer:
         record["mfu"] = (flops / t / (self.peak * 1e12 * world)) if self.peak else None
         record["peak_mem_gib"] = peak_memory_gib(self.env.device)
         record["skipped_nonfinite"] = skipped
+        record["bad_samples"] = self.state.bad_samples()  # by reason, all ranks, since step 0
         self.metrics.write(record)
         log.debug("step %d %s", step, record)
         return record

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from dinosys.config import save_config
+from dinosys.config import save_config, to_dict
 from dinosys.distributed.env import DistEnv, init_distributed, seed_everything
+from dinosys.distributed.sharded_checkpoint import CheckpointMismatchError
 from dinosys.errors import UserError
 from dinosys.train.loop import LoopResult, Trainer
 from dinosys.train.periodic_eval import build_periodic_evaluators
@@ -117,6 +119,34 @@ def export_task(task: TrainTask, run_dir: Path, env: DistEnv, card: dict) -> dic
     return paths
 
 
+def config_changes(cfg: RunConfig, run_dir: Path, limit: int = 10) -> str:
+    """``the config differs from RUN/config.yaml in: model.depth (2 -> 3), ...`` (the keys
+    whose values differ between ``cfg`` and the run's saved config)."""
+    path = run_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return f"{path} is missing or unreadable, so the changed keys are unknown"
+    old, new = _flatten(saved if isinstance(saved, dict) else {}), _flatten(to_dict(cfg))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k,
+                                                                                     "<unset>")]
+    if not changed:
+        return f"the config equals {path}"
+    shown = ", ".join(f"{k} ({old.get(k, '<unset>')} -> {new.get(k, '<unset>')})"
+                      for k in changed[:limit])
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return f"the config differs from {path} in: {shown}{more}"
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     """Train ``cfg`` (its ``task``) into ``run_dir`` (single process, torchrun or Slurm); return
     a summary: ``{"status": "finished" | "preempted", "step": N, "run_dir": ..., ...}``."""
@@ -133,7 +163,7 @@ def _run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     total_steps = total_steps_of(cfg)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir)
+    resolved = cfg  # written to config.yaml once the checkpoint (if any) accepted it
     ensure_builtin_sources(cfg, env)
     threads = configure_cpu_threads(cfg, env)
     log.info("%d intra-op threads per rank", threads)
@@ -144,17 +174,27 @@ def _run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     loader = task.build_loader()
     total_batch = cfg.data.batch_size_per_gpu * env.world_size * cfg.dist.grad_accum_steps
     evaluators = build_periodic_evaluators(cfg, task)
-    trainer = Trainer(task, loader, cfg, env, run_dir, total_steps, total_batch, evaluators)
+    def write_config(_start: int) -> None:
+        if env.is_main:
+            save_config(resolved, run_dir)
+
+    trainer = Trainer(task, loader, cfg, env, run_dir, total_steps, total_batch, evaluators,
+                      on_start=write_config)
     log.info("training %s (task %s): %d steps, global batch %d, peak lr %.3g, %d ranks on %s",
              cfg.name, cfg.task, total_steps, total_batch, trainer.schedule.peak_lr,
              env.world_size, env.device)
-    result: LoopResult = trainer.run()
+    try:
+        result: LoopResult = trainer.run()
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(f"{exc}; {config_changes(resolved, run_dir)}") from exc
+    bad_samples = trainer.state.bad_samples()
     summary: dict[str, Any] = {
         "status": result.status, "step": result.step, "total_steps": total_steps,
         "task": cfg.task, "run_dir": str(run_dir), "world_size": env.world_size,
         "nonfinite_steps": result.nonfinite_steps,
         "loss": result.last.get("loss"), "images_per_s": result.last.get("images_per_s"),
         "checkpoint": str(trainer.state.manager.latest()),
+        "bad_samples": bad_samples,
     }
     knn = result.evals.get("knn")
     if knn is not None:

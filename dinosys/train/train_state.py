@@ -75,10 +75,15 @@ class TrainState:
             state["task"] = _TaskExtraState(self.task)
         return state
 
+    def bad_samples(self) -> dict[str, int]:
+        """Bad-sample counts by reason, summed over ranks (collective: call on every rank)."""
+        return bad_sample_counts(self.loader, self.env)
+
     def save(self, step: int) -> Path:
         """Collective save of everything at ``step`` (number of completed steps)."""
         rank_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
-        path = self.manager.save(step, self._state(), extra={"seed": self.seed},
+        extra = {"seed": self.seed, "bad_samples": self.bad_samples()}
+        path = self.manager.save(step, self._state(), extra=extra,
                                  rank_state={"loader": rank_state})
         self.last_saved_step = step
         return path
@@ -109,4 +114,27 @@ class TrainState:
             return self.loader.resplit_state(entries)
         log.warning("world size changed since the checkpoint: the data loader restarts its "
                     "order from rank 0's saved position")
-        return entries[0] if entries else None
+        if not entries or entries[0] is None:
+            return None
+        # every saved rank's bad-sample counts go to rank 0, so the sum over ranks continues
+        merged: dict[str, int] = {}
+        for entry in entries if self.env.rank == 0 else []:
+            for reason, n in ((entry or {}).get("bad") or {}).items():
+                merged[reason] = merged.get(reason, 0) + int(n)
+        return {**entries[0], "bad": merged}
+
+
+def bad_sample_counts(loader: Any, env: DistEnv) -> dict[str, int]:
+    """The loader's bad-sample counts by reason summed over ranks (collective when distributed;
+    a loader without ``stats()`` counts nothing)."""
+    local = dict(loader.stats()["bad"]) if hasattr(loader, "stats") else {}
+    if env.world_size > 1 and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * env.world_size
+        torch.distributed.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    total: dict[str, int] = {}
+    for counts in gathered:
+        for reason, n in (counts or {}).items():
+            total[reason] = total.get(reason, 0) + int(n)
+    return dict(sorted(total.items()))
