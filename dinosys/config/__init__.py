@@ -6,7 +6,7 @@ Schemas live beside the code they configure (each section is a :class:`Section` 
 checked config object; ``dinosys.train.tasks.load_task_config`` picks the schema by ``task``.
 """
 
-from dinosys.config.checks import Section, check_choice, check_range
+from dinosys.config.checks import Section, check_bounds, check_choice, check_range
 from dinosys.config.loading import (
     BASE_KEY,
     CONFIG_DIR_ENV,
@@ -26,6 +26,7 @@ __all__ = [
     "CONFIG_DIR_ENV",
     "ConfigError",
     "Section",
+    "check_bounds",
     "check_choice",
     "check_range",
     "config_dir",

@@ -22,6 +22,25 @@ def check_range(value: float, key: str, low: float | None = None,
         raise ConfigError(f"config key '{key}': {value!r} is outside [{low}, {high}]")
 
 
+Bounds = dict[str, tuple[float | None, float | None]]
+
+
+def check_bounds(section: Any, prefix: str, bounds: Bounds) -> None:
+    """Check each named numeric field of ``section`` (every element of a list field; ``None``
+    means unset and passes) against its inclusive ``(low, high)`` bounds (either may be None);
+    ConfigError naming ``prefix.field`` and the bound otherwise."""
+    for name, (low, high) in bounds.items():
+        value = getattr(section, name)
+        key = f"{prefix}.{name}" if prefix else name
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None:
+                continue
+            if low is not None and item < low:
+                raise ConfigError(f"config key '{key}': must be >= {low:g}, got {item!r}")
+            if high is not None and item > high:
+                raise ConfigError(f"config key '{key}': must be <= {high:g}, got {item!r}")
+
+
 class Section:
     """Base of every config section dataclass (each lives beside the code it configures).
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinosys.config import ConfigError, Section, check_range
+from dinosys.config import ConfigError, Section, check_bounds, check_range
 from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.data import color
 from dinosys.data.decode import decode_array, probe_image
@@ -68,6 +68,11 @@ class CropConfig(Section):
         for name in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p_global1",
                      "blur_p_global2", "blur_p_local", "solarize_p_global2"):
             check_range(getattr(self, name), f"crops.{name}", 0.0, 1.0)
+        check_bounds(self, "crops", {
+            "global_size": (1, None), "local_size": (1, None), "n_local": (0, None),
+            "global_scale": (1e-6, 1), "local_scale": (1e-6, 1), "brightness": (0, None),
+            "contrast": (0, None), "saturation": (0, None), "hue": (0, 0.5),
+            "blur_sigma": (0, None), "std": (1e-8, None)})
         if self.n_global != 2:
             raise ConfigError("config key 'crops.n_global': DINOv2 uses exactly 2 global crops")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dinosys.config import Section, check_range
+from dinosys.config import Section, check_bounds, check_range
 
 
 @dataclass
@@ -24,6 +24,8 @@ class MaskConfig(Section):
         check_range(self.mask_probability, "masking.mask_probability", 0.0, 1.0)
         check_range(self.ratio_min, "masking.ratio_min", 0.0, 1.0)
         check_range(self.ratio_max, "masking.ratio_max", self.ratio_min, 1.0)
+        check_bounds(self, "masking", {"min_patches_per_block": (1, None),
+                                       "aspect_min": (1e-6, 1)})
 
 
 class MaskGenerator:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dinosys.config import ConfigError, Section, check_choice, check_range
+from dinosys.config import ConfigError, Section, check_bounds, check_choice, check_range
 from dinosys.data.decode import BadImageError
 from dinosys.data.order import EpochOrder
 from dinosys.data.sources import DataSourceConfig, Sample, build_source
@@ -77,6 +77,8 @@ class DataConfig(Section):
         if self.batch_size_per_gpu < 1:
             raise ConfigError("config key 'data.batch_size_per_gpu': must be >= 1")
         check_range(self.max_bad_fraction, "data.max_bad_fraction", 0.0, 1.0)
+        check_bounds(self, "data", {"num_workers": (0, None), "shuffle_buffer": (0, None),
+                                    "max_image_pixels": (1, None)})
 
 
 @dataclass(frozen=True)

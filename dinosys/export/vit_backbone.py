@@ -8,6 +8,7 @@ mean/std and preprocessing; README.md is the model card.
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -112,6 +113,22 @@ def _as_markdown(value: object) -> str:
     return str(value)
 
 
+def _check_types(arch: dict, source: Path) -> None:
+    """UserError naming the first architecture field whose JSON value has the wrong type."""
+    hints = typing.get_type_hints(BackboneConfig)
+    for name, value in arch.items():
+        allowed = typing.get_args(hints[name]) or (hints[name],)
+        if value is None and type(None) in allowed:
+            continue
+        ok = any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool)
+                 or (t is float and isinstance(value, int) and not isinstance(value, bool))
+                 for t in allowed if isinstance(t, type) and t is not type(None))
+        if not ok:
+            names = " or ".join(t.__name__ for t in allowed)
+            raise UserError(f"{source}: architecture field '{name}' is {value!r}, expected "
+                            f"{names}")
+
+
 def build_backbone(config: dict, source: Path) -> DinoVisionTransformer:
     """A fresh backbone from an exported ``config.json`` (its ``architecture``)."""
     arch = dict(config.get("architecture") or {})
@@ -121,6 +138,7 @@ def build_backbone(config: dict, source: Path) -> DinoVisionTransformer:
         raise UserError(f"{source}: unknown architecture fields {unknown} "
                         "(exported by a newer dinosys?)")
     arch["attn_backend"] = "auto"
+    _check_types(arch, source)
     try:
         return backbone_from_config(BackboneConfig(**arch))
     except (ConfigError, TypeError) as exc:

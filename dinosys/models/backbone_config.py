@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dinosys.config import Section, check_choice, check_range
+from dinosys.config import Section, check_bounds, check_choice, check_range
 
 
 @dataclass
@@ -30,6 +30,10 @@ class BackboneConfig(Section):
     interpolate_offset: float | None = None
 
     def validate(self) -> None:
+        check_bounds(self, "model", {
+            "img_size": (1, None), "patch_size": (1, None), "in_chans": (1, None),
+            "embed_dim": (1, None), "depth": (1, None), "num_heads": (1, None),
+            "num_registers": (0, None), "layerscale_init": (0, None)})
         if self.interpolate_offset is not None:
             check_range(self.interpolate_offset, "model.interpolate_offset", 0.0, 1.0)
         check_choice(self.attn_backend, ("auto", "sdpa", "xformers", "math"), "model.attn_backend")

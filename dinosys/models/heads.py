@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinosys.config import Section, check_choice
+from dinosys.config import Section, check_bounds, check_choice
 
 LAST_LAYER_KINDS = ("weight_norm", "linear")
 
@@ -30,6 +30,9 @@ class HeadConfig(Section):
 
     def validate(self) -> None:
         check_choice(self.last_layer, ("weight_norm", "linear"), "heads.last_layer")
+        check_bounds(self, "heads", {name: (1, None) for name in (
+            "n_prototypes", "hidden_dim", "bottleneck_dim", "nlayers", "ibot_n_prototypes",
+            "ibot_hidden_dim", "ibot_bottleneck_dim")})
 
 
 class WeightNormLinear(nn.Module):

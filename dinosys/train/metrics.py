@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dinosys.config import Section
+from dinosys.config import Section, check_bounds
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,9 @@ class LogConfig(Section):
     tensorboard: bool = False
     peak_tflops: float | None = None  # per device; None: by exact GPU name + dtype (metrics)
     progress: bool = True
+
+    def validate(self) -> None:
+        check_bounds(self, "log", {"every_n_steps": (1, None), "peak_tflops": (1e-6, None)})
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s by the exact name torch.cuda.get_device_name
 # reports, per compute dtype: bf16/fp16 tensor cores, tf32 (fp32 matmuls with TF32 allowed),

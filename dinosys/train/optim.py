@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dinosys.config import Section, check_choice
+from dinosys.config import Section, check_bounds, check_choice
 
 _NO_WD_NAMES = ("pos_embed", "cls_token", "register_tokens", "mask_token")
 
@@ -38,6 +38,12 @@ class OptimConfig(Section):
 
     def validate(self) -> None:
         check_choice(self.lr_scaling, ("sqrt", "linear", "none"), "optim.lr_scaling")
+        check_bounds(self, "optim", {
+            "base_lr": (0, None), "min_lr": (0, None), "reference_batch": (1, None),
+            "epochs": (0, None), "iters_per_epoch": (1, None), "warmup_epochs": (0, None),
+            "weight_decay": (0, None), "weight_decay_end": (0, None),
+            "layerwise_decay": (0, 1), "patch_embed_lr_mult": (0, None), "clip_grad": (0, None),
+            "betas": (0, 1), "eps": (0, None)})
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dinosys.config import ConfigError, Section
+from dinosys.config import ConfigError, Section, check_bounds
 from dinosys.errors import UserError
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ class PeriodicEvalConfig(Section):
     knn_temperature: float = 0.07
 
     def validate(self) -> None:
+        check_bounds(self, "eval", {"knn_k": (1, None), "knn_temperature": (1e-8, None)})
         if self.knn_every_n_steps < 0:
             raise ConfigError("config key 'eval.knn_every_n_steps': must be >= 0 (0: off)")
 

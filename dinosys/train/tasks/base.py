@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dinosys.config import ConfigError, Section
+from dinosys.config import ConfigError, Section, check_bounds
 from dinosys.data.stream import DataConfig
 from dinosys.distributed.env import DistEnv
 from dinosys.distributed.fsdp import DistConfig, build_mesh, shard_modules
@@ -50,6 +50,8 @@ class RunConfig(Section):
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
 
     def validate(self) -> None:
+        check_bounds(self, "", {"seed": (0, 2**63 - 1), "max_steps": (1, None),
+                                "debug_nonfinite_steps": (0, None)})
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError("config key 'max_consecutive_nonfinite': must be >= 1")
 

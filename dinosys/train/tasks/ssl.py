@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dinosys.config import ConfigError, Section, check_choice
+from dinosys.config import ConfigError, Section, check_bounds, check_choice
 from dinosys.data.augment import CropConfig
 from dinosys.data.masking import MaskConfig
 from dinosys.distributed.env import DistEnv
@@ -56,6 +56,11 @@ class SSLLossConfig(Section):
 
     def validate(self) -> None:
         check_choice(self.centering, ("centering", "sinkhorn_knopp"), "loss.centering")
+        check_bounds(self, "loss", {
+            "dino_weight": (0, None), "ibot_weight": (0, None), "koleo_weight": (0, None),
+            "student_temp": (1e-8, None), "teacher_temp": (1e-8, None),
+            "warmup_teacher_temp": (1e-8, None), "warmup_teacher_temp_epochs": (0, None),
+            "center_momentum": (0, 1), "sinkhorn_iterations": (1, None)})
         weights = (self.dino_weight, self.ibot_weight, self.koleo_weight)
         if not any(math.isfinite(w) and w > 0 for w in weights):
             raise ConfigError("config keys 'loss.*_weight': at least one loss weight must be > 0")
@@ -71,6 +76,8 @@ class SSLOptimConfig(OptimConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_bounds(self, "optim", {"momentum_teacher": (0, 1), "final_momentum_teacher": (0, 1),
+                                     "freeze_last_layer_epochs": (0, None)})
 
 
 @dataclass
