@@ -5,10 +5,10 @@ patch tokens of the last block. One linear head per (learning rate, input varian
 by default — is trained on the same mini-batches from one feature extraction (per epoch when
 augmenting, else once and cached): SGD with momentum 0.9, no weight decay, cosine schedule to 0,
 learning rates scaled by batch / 256. The head with the best top-1 on a held-out part of the
-training folder (stratified, ``holdout`` of each class) is the result, reported on the val
-folder; the whole grid is in the JSON. Deterministic for a seed. In a distributed job the
-extraction is sharded over the ranks and every rank trains the same heads on the gathered
-features, so any number of ranks gives the result of one.
+training folder (stratified, ``holdout`` of each class; ties broken by its cross-entropy) is the
+result, reported on the val folder; the whole grid is in the JSON. Deterministic for a seed. In
+a distributed job the extraction is sharded over the ranks and every rank trains the same heads
+on the gathered features, so any number of ranks gives the result of one.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def _grid_table(grid: LinearGrid, cfg: LinearConfig, scale: float, held: dict, v
             rows.append({"variant": v.name, "n_blocks": v.n_blocks, "avgpool": v.avgpool,
                          "lr": lr, "lr_scaled": lr * scale,
                          "holdout_top1": float(held["top1"][i, j]),
+                         "holdout_loss": float(held["loss"][i, j]),
                          "val_top1": float(val["top1"][i, j]),
                          "val_top5": float(val["top5"][i, j])})
     return rows
@@ -149,7 +150,8 @@ def fit_grid(cfg: LinearConfig, train_feats: Callable[[int], dict[str, torch.Ten
                  float(losses.mean()), time.perf_counter() - t_epoch)
     bar.close()
     table = _grid_table(grid, cfg, scale, grid.accuracy(*held), grid.accuracy(*val))
-    best = max(table, key=lambda r: r["holdout_top1"])  # first of equals: grid order
+    # a small held-out part ties often on accuracy (one image is 1/n): its loss breaks ties
+    best = max(table, key=lambda r: (r["holdout_top1"], -r["holdout_loss"]))
     metrics = {"top1": best["val_top1"], "holdout_top1": best["holdout_top1"]}
     if n_classes > 5:
         metrics["top5"] = best["val_top5"]

@@ -94,19 +94,23 @@ class LinearGrid:
     @torch.no_grad()
     def accuracy(self, feats: dict[str, Tensor], labels: Tensor, chunk: int = 4096
                  ) -> dict[str, Tensor]:
-        """``{"top1": (V, L), "top5": (V, L)}`` of every head on ``feats``/``labels``."""
+        """``{"top1", "top5", "loss"}``, each (V, L): accuracy and mean cross-entropy of every
+        head on ``feats``/``labels``."""
         k = min(5, self.n_classes)
         top1 = torch.zeros(len(self.variants), len(self.lrs))
-        top5 = torch.zeros_like(top1)
+        top5, loss = torch.zeros_like(top1), torch.zeros_like(top1)
         for start in range(0, len(labels), chunk):
             index = torch.arange(start, min(start + chunk, len(labels)))
             y = labels[index]
             for i, v in enumerate(self.variants):
-                ranked = self.logits(v, v.inputs(feats, index)).topk(k, dim=-1).indices
+                logits = self.logits(v, v.inputs(feats, index))
+                ranked = logits.topk(k, dim=-1).indices
                 top1[i] += (ranked[..., 0] == y).sum(dim=1).float()
                 top5[i] += (ranked == y[:, None]).any(dim=-1).sum(dim=1).float()
+                loss[i] += F.cross_entropy(logits.flatten(0, 1), y.repeat(len(self.lrs)),
+                                           reduction="none").view(len(self.lrs), -1).sum(dim=1)
         n = max(len(labels), 1)
-        return {"top1": top1 / n, "top5": top5 / n}
+        return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n}
 
 
 def minibatches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
