@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,11 @@ from dinosys.distill.task import DistillTask
 from dinosys.distributed.env import DistEnv, init_distributed, seed_everything
 from dinosys.distributed.fsdp import DistConfig
 from dinosys.errors import UserError
+from dinosys.train.ema import ema_pairs, ema_update
 from dinosys.train.loop import LoopResult, Trainer
-from dinosys.train.optim import build_optimizer, build_param_groups
+from dinosys.train.optim import build_param_groups
+from dinosys.train.tasks.base import Exportable, TrainTask
+from dinosys.train.tasks.ssl import SSLSchedules
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +37,83 @@ def distill_param_groups(task: DistillTask, cfg: DistillConfig) -> list[dict]:
         if s_cfg.layerwise_decay is not None:
             optim = dataclasses.replace(optim, layerwise_decay=s_cfg.layerwise_decay)
         ratio = (s_cfg.base_lr / cfg.optim.base_lr) if s_cfg.base_lr is not None else 1.0
-        for group in build_param_groups(student.modules, student.depth, optim):
+        for group in build_param_groups(student.modules, optim):
             group["lr_mult"] *= ratio
             group["names"] = [f"{name}.{n}" for n in group["names"]]
             groups.append(group)
     return groups
+
+
+class _Sched:
+    """The scheduled values DistillTask.forward_loss reads."""
+
+    def __init__(self, teacher_temp: float) -> None:
+        self.teacher_temp = teacher_temp
+
+
+class DistillLoopTask(TrainTask):
+    """A :class:`DistillTask` seen through the task contract, so the shared loop runs it
+    (schedules, last-layer freeze and student EMAs owned here, as SSLTask owns its own).
+    Transitional: the distill task itself moves onto the contract and the TASKS registry."""
+
+    name = "distill_runner"
+
+    def __init__(self, task: DistillTask, cfg: DistillConfig, env: DistEnv,
+                 total_steps: int) -> None:
+        super().__init__(cfg, env)  # type: ignore[arg-type]
+        self.inner = task
+        self.schedules = SSLSchedules(cfg.optim, cfg.loss, total_steps)
+        self._ema: list[tuple[list, list]] | None = None
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return self.inner.trainable_modules()
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        return self.inner.checkpoint_modules()
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return self.inner.extra_state()
+
+    def load_extra_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.inner.load_extra_state(state)
+
+    def build_loader(self) -> Any:
+        raise RuntimeError("the distill runner builds its loader itself")
+
+    def prepare_batch(self, batch: Any) -> Any:
+        from dinosys.data.gpu_augment import apply_photometric
+
+        return apply_photometric(batch, self.device)
+
+    def param_groups(self) -> list[dict]:
+        return distill_param_groups(self.inner, self.cfg)  # type: ignore[arg-type]
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        return {"momentum": self.schedules.momentum(step),
+                "teacher_temp": self.schedules.teacher_temp(step)}
+
+    def forward_loss(self, batch: Any, step: int) -> dict[str, Any]:
+        return self.inner.forward_loss(batch, _Sched(self.schedules.teacher_temp(step)))
+
+    def before_optimizer_step(self, step: int) -> None:
+        if self.schedules.last_layer_frozen(step):
+            for module in self.trainable_modules().values():
+                for name, param in module.named_parameters():
+                    if "last_layer" in name:
+                        param.grad = None
+
+    def after_optimizer_step(self, step: int, applied: torch.Tensor) -> None:
+        if self._ema is None:
+            self._ema = [ema_pairs(t, s) for t, s in self.inner.ema_modules()]
+        for t_list, s_list in self._ema:
+            ema_update(t_list, s_list, self.schedules.momentum(step), apply=applied)
+
+    def step_flops(self, batch: Any) -> float:
+        return self.inner.step_flops(batch)
+
+    def exports(self) -> dict[str, Exportable]:
+        return {name: Exportable(ema, lambda: None)
+                for name, ema in self.inner.export_backbones().items()}
 
 
 class DistillTrainer(Trainer):
@@ -46,19 +122,23 @@ class DistillTrainer(Trainer):
     def __init__(self, task: DistillTask, loader: Any, cfg: DistillConfig, env: DistEnv,
                  run_dir: Path, total_steps: int, total_batch: int,
                  knn_sets: tuple[Any, Any] | None = None) -> None:
-        super().__init__(task, loader, cfg, env, run_dir, total_steps, total_batch, knn_sets)
-        from dinosys.train.train_state import TrainState
+        from dinosys.train.periodic_eval import KnnEvaluator
 
-        self.groups = distill_param_groups(task, cfg)
-        self.optimizer = build_optimizer(self.groups, cfg.optim)
-        self.state = TrainState(task, self.optimizer, loader, self.run_dir / "checkpoints",
-                                cfg.checkpoint, env, cfg.seed)
+        self.distill_task = task
+        loop_task = DistillLoopTask(task, cfg, env, total_steps)
+        evaluators = []
+        if knn_sets is not None:
+            evaluators.append(KnnEvaluator(cfg.eval.knn_every_n_steps, *knn_sets,
+                                           cfg.eval.knn_k, cfg.eval.knn_temperature))
+        super().__init__(loop_task, loader, cfg, env, run_dir, total_steps,  # type: ignore[arg-type]
+                         total_batch, evaluators)
 
     def _log(self, step: int, logs: dict[str, float], window: dict[str, float],
              skipped: int) -> dict[str, Any]:
         from dinosys.train.device_step import read_scalars
 
-        return super()._log(step, self.task.world_logs(read_scalars(logs)), window, skipped)
+        return super()._log(step, self.distill_task.world_logs(read_scalars(logs)), window,
+                            skipped)
 
 
 def shard_for_training(task: DistillTask, env: DistEnv, cfg: DistConfig) -> None:
