@@ -70,7 +70,7 @@ class Sched:
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
     fn()
     times = []
     for _ in range(repeats):
@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--local-size", type=int, default=28)
     p.add_argument("--n-local", type=int, default=2)
     p.add_argument("--prototypes", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7, help="alternating rounds")
     p.add_argument("--bf16", action="store_true", help="autocast the students to bf16 (GPU)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,12 +127,19 @@ def main() -> None:
 
     single = {s.name: job([s]) for s in students}
     teacher_task = next(iter(single.values()))[0]
-    t_teacher = timed(lambda: teacher_task.teacher_outputs(
-        batch["global_crops"].to(device)), device, args.repeats)
-    t_single = {n: timed(lambda t=t, o=o: step(t, o), device, args.repeats)
-                for n, (t, o) in single.items()}
     multi = job(students)
-    t_multi = timed(lambda: step(*multi), device, args.repeats)
+    # alternating rounds (teacher, each single job, the multi job): a shared machine's load
+    # drifts, and every variant then sees the same drift
+    rounds: dict[str, list[float]] = {}
+    variants = {"teacher": lambda: teacher_task.teacher_outputs(
+        batch["global_crops"].to(device)), "multi": lambda: step(*multi)}
+    variants.update({n: (lambda t=t, o=o: step(t, o)) for n, (t, o) in single.items()})
+    for _ in range(args.repeats):
+        for key, fn in variants.items():
+            rounds.setdefault(key, []).append(timed(fn, device, 1))
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    t_teacher, t_multi = med.pop("teacher"), med.pop("multi")
+    t_single = med
     separate = sum(t_single.values())
     per_student = {n: {"images_per_s_alone": args.batch / t,
                        "step_s": t, "teacher_share": t_teacher / t}
