@@ -245,6 +245,7 @@ def _run(cfg: DistillConfig, run_dir: Path, env: DistEnv) -> dict:
     total_batch = cfg.data.batch_size_per_gpu * env.world_size * cfg.dist.grad_accum_steps
     for name in task.layout.ranges:
         task.layout.images_per_rank(name, cfg.data.batch_size_per_gpu * env.world_size)
+    check_resumable(task, cfg, run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir)
@@ -302,6 +303,20 @@ def _gather_results(results: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     for part in parts:
         merged.update(part or {})
     return merged
+
+
+def check_resumable(task: DistillTask, cfg: DistillConfig, run_dir: Path) -> None:
+    """Resuming students on rank subgroups is refused (one line) instead of hanging: restoring
+    the optimizer state when ranks hold different students blocks in a collective (seen on 4
+    gloo ranks). Students in turn (no ``ranks``) resume exactly, at any world size."""
+    from dinosys.distributed.sharded_checkpoint import CheckpointManager
+
+    if task.layout.in_turn or not cfg.checkpoint.resume:
+        return
+    if CheckpointManager(run_dir / "checkpoints").latest() is not None:
+        raise UserError(f"{run_dir} has a checkpoint, but resuming students on rank subgroups "
+                        "('ranks' set) is not supported yet: resume without 'ranks' (students "
+                        "in turn on every rank) or start over with checkpoint.resume=false")
 
 
 def check_config(cfg: DistillConfig) -> None:

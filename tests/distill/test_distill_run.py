@@ -112,23 +112,26 @@ def test_students_on_rank_subgroups_equal_students_in_turn(reference: Path, teac
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # five multi-rank runs: ~15 min on 2 heavily shared cores
+@pytest.mark.timeout(1800)  # four multi-rank runs: ~10 min on 2 heavily shared cores
 def test_kill_9_then_exact_resume_at_same_and_other_world_size(reference: Path,
                                                                 teacher_run: Path,
                                                                 builtin_data: Path,
                                                                 tmp_path: Path) -> None:
+    """Students in turn on 2 ranks, killed after the step-3 checkpoint; resumed on 2 ranks and
+    (a copy) on 1 process: both equal the uninterrupted reference. Students on rank subgroups
+    refuse to resume (one line, exit 2) instead of hanging."""
     killed = tmp_path / "killed"
-    res = distill(killed, teacher_run, builtin_data, 4, 2, {"s": (0, 1), "b": (2, 3)},
-                  script=[str(KILLER), "3"])
+    res = distill(killed, teacher_run, builtin_data, 2, 4, None, script=[str(KILLER), "3"])
     assert res.returncode != 0, "the run should have been killed at step 3"
     assert [s for s, _ in CheckpointManager(killed / "checkpoints").committed()] == [3]
     other = tmp_path / "other"
     shutil.copytree(killed, other)
-    ok(distill(killed, teacher_run, builtin_data, 4, 2, {"s": (0, 1), "b": (2, 3)}))
+    ok(distill(killed, teacher_run, builtin_data, 2, 4, None))
     assert_same_run(reference, killed)
-    # 2 ranks now (one per student, batch 4 each): DCP reshards, the loader re-splits
-    ok(distill(other, teacher_run, builtin_data, 2, 4, {"s": (0, 0), "b": (1, 1)}))
+    ok(distill(other, teacher_run, builtin_data, 1, 8, None))  # DCP reshards, loader re-splits
     assert_same_run(reference, other)
+    refused = distill(other, teacher_run, builtin_data, 2, 4, {"s": (0, 0), "b": (1, 1)})
+    assert refused.returncode == 2 and "rank subgroups" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_checkpoint_and_exports(reference: Path, teacher_run: Path) -> None:

@@ -15,9 +15,9 @@ from launch import slurm
 
 REPO = Path(__file__).resolve().parents[2]
 SUBMIT = REPO / "launch" / "submit.py"
-STUDENTS = ("students=[{name: s, ranks: [0, 0], model: {arch: vit_tiny, img_size: 28, "
+STUDENTS = ("students=[{name: s, model: {arch: vit_tiny, img_size: 28, "
             "patch_size: 14, embed_dim: 24, depth: 1, num_heads: 2, layerscale_init: null}, "
-            "heads: {hidden_dim: 32, bottleneck_dim: 16}}, {name: b, ranks: [1, 1], model: "
+            "heads: {hidden_dim: 32, bottleneck_dim: 16}}, {name: b, model: "
             "{arch: vit_tiny, img_size: 28, patch_size: 14, embed_dim: 32, depth: 1, "
             "num_heads: 2, layerscale_init: null}, heads: {hidden_dim: 32, bottleneck_dim: 16}}]")
 
