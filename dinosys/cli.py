@@ -119,6 +119,52 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from dinosys.config.describe import describe, format_table
+    from dinosys.train.tasks import get_task, load_task_config
+
+    if args.recipe is None and args.task is None:
+        raise UserError("config show needs a RECIPE (a name under configs/ or a YAML path) or "
+                        "--task NAME (that task's defaults)")
+    if args.recipe is not None and _is_distill_recipe(args.recipe):
+        # distillation still runs outside TASKS (dinosys.distill.run): its own schema
+        from dinosys.config import load_config
+        from dinosys.distill.config import DistillConfig
+
+        cfg = load_config(DistillConfig, args.recipe, args.overrides, kind="distill")
+        schema, task = DistillConfig, "distill"
+    elif args.recipe is not None:
+        cfg = load_task_config(args.recipe, args.overrides, default_task=args.task or "ssl")
+        schema, task = type(cfg), cfg.task
+    else:
+        if args.overrides:
+            raise UserError("config show --task: key=value overrides need a RECIPE")
+        cls = get_task(args.task)
+        cfg, schema, task = None, cls.config_class, cls.name
+    rows = describe(schema, cfg)
+    shown = [r for r in rows if r.changed] if args.diff else rows
+    for line in format_table(shown, show_value=cfg is not None):
+        print(line)
+    print_json({"recipe": args.recipe, "task": task, "schema": schema.__name__,
+                "keys": len(rows), "changed": sum(r.changed for r in rows), "shown": len(shown)})
+    return 0
+
+
+def _is_distill_recipe(recipe: str) -> bool:
+    from dinosys.config import find_config
+
+    return find_config(recipe).resolve().parent.name == "distill"
+
+
+def _recipes_epilog(command: str) -> str:
+    from dinosys.config.describe import shipped_recipes
+
+    names = shipped_recipes(command)
+    listed = ", ".join(names) if names else "(none yet)"
+    return (f"shipped recipes (configs/{command}/): {listed}. `dinosys config show RECIPE` lists "
+            f"every key with its type, default and help; `--diff` only what the recipe changes.")
+
+
 def _add_config_args(p: argparse.ArgumentParser, with_out: bool = True) -> None:
     p.add_argument("config", help="YAML path or a name under configs/ (e.g. mnist_tiny_cpu)")
     if with_out:
@@ -145,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_data_builtin)
 
     for command, help_text in TRAIN_COMMANDS.items():
-        p = sub.add_parser(command, help=help_text)
+        p = sub.add_parser(command, help=help_text, description=help_text,
+                           epilog=_recipes_epilog(command))
         _add_config_args(p)
         # distill keeps its own runner (dinosys.distill.run) until its task is on TASKS
         p.set_defaults(func=_cmd_distill if command == "distill" else _cmd_train)
@@ -165,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "config.json + model card) is always written, the others go to OUT/timm/, "
                    "OUT/hf/, OUT/onnx/ (default: native)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("config", help="see the settings: `dinosys config show RECIPE [--diff]`")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    c = csub.add_parser("show", help="every key of a recipe (or of a task's schema) with its "
+                        "type, default, value and help text")
+    c.add_argument("recipe", nargs="?", help="a recipe name under configs/ or a YAML path "
+                   "(default: none; then --task shows that task's defaults)")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    c.add_argument("--task", help="the task whose schema to show (default: the recipe's `task` "
+                   "key, else ssl)")
+    c.add_argument("--diff", action="store_true",
+                   help="only the keys whose value differs from the schema default (default: off)")
+    c.set_defaults(func=_cmd_config_show)
 
     p = sub.add_parser("demo", help="the main job on the embedded data: build, train, evaluate")
     p.add_argument("--out", help="run directory (default: a new folder under runs/)")

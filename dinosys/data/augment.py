@@ -43,26 +43,29 @@ _JITTER_OPS = (color.adjust_brightness, color.adjust_contrast, color.adjust_satu
 class CropConfig(Section):
     """Multi-crop augmentation (2 global + n_local local crops)."""
 
-    global_size: int = 224
-    local_size: int = 98
-    n_global: int = 2
-    n_local: int = 8
+    global_size: int = 224  # global crop side in pixels
+    local_size: int = 98  # local crop side in pixels
+    n_global: int = 2  # global crops per image
+    n_local: int = 8  # local crops per image
+    # area range of a global crop (random resized crop)
     global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    # area range of a local crop
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
-    flip_p: float = 0.5
-    color_jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p_global1: float = 1.0
-    blur_p_global2: float = 0.1
-    blur_p_local: float = 0.5
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
-    solarize_p_global2: float = 0.2
+    flip_p: float = 0.5  # horizontal flip probability
+    color_jitter_p: float = 0.8  # colour jitter probability
+    brightness: float = 0.4  # colour jitter brightness strength
+    contrast: float = 0.4  # colour jitter contrast strength
+    saturation: float = 0.2  # colour jitter saturation strength
+    hue: float = 0.1  # colour jitter hue strength
+    grayscale_p: float = 0.2  # grey-scale probability
+    blur_p_global1: float = 1.0  # Gaussian blur probability, first global crop
+    blur_p_global2: float = 0.1  # Gaussian blur probability, second global crop
+    blur_p_local: float = 0.5  # Gaussian blur probability, local crops
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur sigma range
+    solarize_p_global2: float = 0.2  # solarisation probability, second global crop
+    # normalisation mean (RGB)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # normalisation std (RGB)
 
     def validate(self) -> None:
         for name in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p_global1",

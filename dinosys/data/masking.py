@@ -14,10 +14,11 @@ from dinosys.config import Section, check_bounds, check_range
 class MaskConfig(Section):
     """iBOT block masking of the student's global crops."""
 
-    mask_probability: float = 0.5
-    ratio_min: float = 0.1
-    ratio_max: float = 0.5
-    min_patches_per_block: int = 4
+    mask_probability: float = 0.5  # share of images whose global crops get iBOT masks
+    ratio_min: float = 0.1  # smallest masked share of patches
+    ratio_max: float = 0.5  # largest masked share of patches
+    min_patches_per_block: int = 4  # smallest masked block, in patches
+    # smallest block aspect ratio (log-uniform in [aspect_min, 1/aspect_min])
     aspect_min: float = 0.3
 
     def validate(self) -> None:

@@ -350,6 +350,21 @@ class ShardSource:
                       meta=_meta(self._member(fh, idx.meta[local], where)))
 
 
+def check_source(cfg: DataSourceConfig) -> str:
+    """The source's kind, after checking that what it names exists (every shard of a pattern,
+    the list file, the folder): what :func:`build_source` would find missing, found before any
+    model is built or file written. UserError naming the missing path."""
+    path = str(cfg.path)
+    kind = source_kind(path, cfg.kind)
+    if kind == "shards":
+        expand_shards(path)
+    elif kind == "list" and not Path(path).is_file():
+        raise UserError(f"data source file list not found: {path}")
+    elif kind == "folder" and not Path(path).is_dir():
+        raise UserError(f"image folder not found: {path}")
+    return kind
+
+
 def build_source(cfg: DataSourceConfig):  # noqa: ANN201 - FileSource | ShardSource
     """The source a DataSourceConfig names (see :func:`source_kind`)."""
     path = str(cfg.path)

@@ -58,9 +58,11 @@ _STREAM_REPLACE = 21
 class DataConfig(Section):
     """Training input pipeline."""
 
+    # training data: [{path: DIR | LIST.txt | SHARDS, weight: w}, ...]
     sources: list[DataSourceConfig] = field(default_factory=list)
+    # images per rank per micro-batch (global batch: x ranks x grad_accum)
     batch_size_per_gpu: int = 64
-    num_workers: int = 8
+    num_workers: int = 8  # DataLoader worker processes per rank
     shuffle_buffer: int = 2000  # samples per shuffle window (shards shuffled, then samples within)
     decoder: str = "auto"  # auto, simplejpeg, pil
     max_image_pixels: int = 89_478_485  # Pillow's decompression-bomb limit

@@ -30,10 +30,10 @@ class DistConfig(Section):
 
     fsdp: bool = True  # FSDP2 fully_shard when more than one rank
     param_dtype: str = "bf16"  # fp32, bf16, fp16
-    reduce_dtype: str = "fp32"
-    grad_accum_steps: int = 1
-    activation_checkpointing: bool = False
-    compile: bool = False
+    reduce_dtype: str = "fp32"  # gradient reduction dtype: fp32, bf16
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
+    compile: bool = False  # torch.compile the blocks
     pack_tokens: bool = False  # all crops' tokens as one tensor per block (models.vit)
 
     def validate(self) -> None:

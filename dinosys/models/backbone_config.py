@@ -15,14 +15,14 @@ class BackboneConfig(Section):
     arch: str = "vits14"
     img_size: int = 224  # image size the learned position embedding is laid out for
     patch_size: int | None = None  # None: the arch's (14; 4 for vit_tiny)
-    in_chans: int = 3
+    in_chans: int = 3  # input channels
     embed_dim: int | None = None  # None: the arch's
-    depth: int | None = None
-    num_heads: int | None = None
+    depth: int | None = None  # blocks (None: the architecture's)
+    num_heads: int | None = None  # attention heads (None: the architecture's)
     ffn: str | None = None  # "mlp" or "swiglu"; None: the arch's
     num_registers: int | None = None  # None: 4 for "_reg" archs, else 0
-    drop_path_rate: float = 0.0
-    drop_path_uniform: bool = True
+    drop_path_rate: float = 0.0  # stochastic depth rate (of the last block when not uniform)
+    drop_path_uniform: bool = True  # the same drop-path rate in every block (else linear in depth)
     layerscale_init: float | None = 1e-5  # None disables LayerScale
     attn_backend: str = "auto"  # auto, sdpa, xformers, math
     # pos-embed resize to another grid: None follows the released layouts (register models: an

@@ -18,15 +18,15 @@ LAST_LAYER_KINDS = ("weight_norm", "linear")
 class HeadConfig(Section):
     """DINO and iBOT projection heads."""
 
-    n_prototypes: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    nlayers: int = 3
+    n_prototypes: int = 65536  # DINO head output size (prototypes)
+    hidden_dim: int = 2048  # DINO head MLP hidden size
+    bottleneck_dim: int = 256  # DINO head bottleneck before the prototypes
+    nlayers: int = 3  # DINO head MLP layers
     last_layer: str = "weight_norm"  # weight_norm or linear
-    ibot_separate_head: bool = False
-    ibot_n_prototypes: int = 65536
-    ibot_hidden_dim: int = 2048
-    ibot_bottleneck_dim: int = 256
+    ibot_separate_head: bool = False  # iBOT uses its own head (else the DINO head)
+    ibot_n_prototypes: int = 65536  # iBOT head prototypes (separate head)
+    ibot_hidden_dim: int = 2048  # iBOT head MLP hidden size (separate head)
+    ibot_bottleneck_dim: int = 256  # iBOT head bottleneck (separate head)
 
     def validate(self) -> None:
         check_choice(self.last_layer, ("weight_norm", "linear"), "heads.last_layer")

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from dinosys.distributed.env import DistEnv
 from dinosys.distributed.fsdp import autocast_context, set_gradient_sync
 from dinosys.errors import UserError
-from dinosys.progress import progress_bar
+from dinosys.progress import eta_seconds, progress_bar
 from dinosys.train.device_step import finite_flag, guarded_step, read_scalars
 from dinosys.train.metrics import MetricsWriter, peak_memory_gib, peak_tflops
 from dinosys.train.optim import apply_schedule, build_optimizer, clip_grad_per_module
@@ -155,9 +156,11 @@ class Trainer:
             log.info("resumed from step %d", start)
         preempt = PreemptionFlag().install()
         it = iter(self.loader)
+        # in a log (not a terminal): one plain line per logged step, with loss, images/s, ETA
         bar = progress_bar(total=self.total_steps, initial=start, desc="train", unit="step",
                            disable=not (self.env.is_main and cfg.log.progress),
-                           dynamic_ncols=True)
+                           every_n=cfg.log.every_n_steps, dynamic_ncols=True)
+        self._clock = (time.monotonic(), start)
         consecutive = skipped = 0
         last: dict[str, Any] = {}
         evals: dict[str, dict[str, Any]] = {}
@@ -200,11 +203,12 @@ class Trainer:
                 window["wait"] += wait
                 window["images"] += n_img
                 window["flops"] += sum(self.task.step_flops(b) for b in batches)
-                bar.update(1)
                 if step % cfg.log.every_n_steps == 0 or step == self.total_steps:
                     last = self._log(step, logs, window, skipped)
-                    bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}")
+                    bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}",
+                                    images_per_s=f"{last['images_per_s']:.3g}")
                     window = {"t": 0.0, "wait": 0.0, "images": 0, "flops": 0.0}
+                bar.update(1)
                 for evaluator in self.evaluators:
                     if step % evaluator.every_n_steps == 0:
                         evals[evaluator.name] = self._evaluate(evaluator, step)
@@ -233,6 +237,12 @@ class Trainer:
         record["peak_mem_gib"] = peak_memory_gib(self.env.device)
         record["skipped_nonfinite"] = skipped
         record["bad_samples"] = self.state.bad_samples()  # by reason, all ranks, since step 0
+        t0, first = self._clock
+        elapsed = time.monotonic() - t0
+        eta = eta_seconds(step - first, self.total_steps - step, elapsed)
+        record["time"] = datetime.now(UTC).isoformat(timespec="seconds")
+        record["elapsed_s"] = round(elapsed, 2)  # since this process started training
+        record["eta_s"] = None if eta is None else round(eta, 1)
         self.metrics.write(record)
         log.debug("step %d %s", step, record)
         return record

@@ -22,10 +22,10 @@ log = logging.getLogger(__name__)
 class LogConfig(Section):
     """Per-step metrics."""
 
-    every_n_steps: int = 10
-    tensorboard: bool = False
+    every_n_steps: int = 10  # a metrics.jsonl record (and a progress line in a log) every N steps
+    tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard
     peak_tflops: float | None = None  # per device; None: by exact GPU name + dtype (metrics)
-    progress: bool = True
+    progress: bool = True  # progress bar on a terminal, plain progress lines in a log
 
     def validate(self) -> None:
         check_bounds(self, "log", {"every_n_steps": (1, None), "peak_tflops": (1e-6, None)})

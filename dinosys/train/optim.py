@@ -21,20 +21,22 @@ class OptimConfig(Section):
     """AdamW, the lr / weight-decay schedules (in "epochs" of ``iters_per_epoch`` steps), layer-wise
     lr decay (the model declares its layers) and gradient clipping: every task's optimiser."""
 
+    # peak lr at reference_batch, scaled to the global batch (lr_scaling rule)
     base_lr: float = 4e-3
     lr_scaling: str = "sqrt"  # sqrt, linear or none, relative to reference_batch
-    reference_batch: int = 1024
-    min_lr: float = 1e-6
+    reference_batch: int = 1024  # global batch that base_lr is given for
+    min_lr: float = 1e-6  # lr at the end of the cosine decay
+    # training length in epochs of iters_per_epoch steps (unless max_steps is set)
     epochs: int = 100
-    iters_per_epoch: int = 1250
-    warmup_epochs: float = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    layerwise_decay: float = 0.9
-    patch_embed_lr_mult: float = 0.2
-    clip_grad: float = 3.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    iters_per_epoch: int = 1250  # steps per epoch (an 'epoch' is a fixed number of steps)
+    warmup_epochs: float = 10  # linear lr warm-up from 0, in epochs
+    weight_decay: float = 0.04  # weight decay at the start (cosine schedule to weight_decay_end)
+    weight_decay_end: float = 0.4  # weight decay at the end of training
+    layerwise_decay: float = 0.9  # lr multiplier per block from the top (1.0: off)
+    patch_embed_lr_mult: float = 0.2  # extra lr multiplier of the patch embedding
+    clip_grad: float = 3.0  # gradient-norm clipping per module (0: off)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
 
     def validate(self) -> None:
         check_choice(self.lr_scaling, ("sqrt", "linear", "none"), "optim.lr_scaling")

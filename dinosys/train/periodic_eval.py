@@ -24,10 +24,11 @@ class PeriodicEvalConfig(Section):
     """kNN evaluation during training (collapse watch)."""
 
     knn_every_n_steps: int = 0  # 0: off
-    knn_train: str | None = None
-    knn_val: str | None = None
+    knn_train: str | None = None  # kNN reference folder DIR/<class>/<image> (periodic kNN)
+    knn_val: str | None = None  # kNN query folder DIR/<class>/<image> (periodic kNN)
+    # neighbour counts of the periodic kNN
     knn_k: list[int] = field(default_factory=lambda: [10, 20])
-    knn_temperature: float = 0.07
+    knn_temperature: float = 0.07  # vote temperature of the periodic kNN
 
     def validate(self) -> None:
         check_bounds(self, "eval", {"knn_k": (1, None), "knn_temperature": (1e-8, None)})

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from dinosys.config import save_config, to_dict
+from dinosys.data.sources import check_source
 from dinosys.distributed.env import DistEnv, init_distributed, seed_everything
 from dinosys.distributed.sharded_checkpoint import CheckpointMismatchError
 from dinosys.errors import UserError
@@ -44,7 +45,8 @@ def ensure_builtin_sources(cfg: RunConfig, env: DistEnv) -> None:
     """Build the embedded data when a data source or a periodic-kNN folder points into a missing
     builtin folder under ``data.builtin_root`` (``<root>/mnist/train``, ``<root>/shards/mnist``
     ...), on rank 0; others wait. A missing path anywhere else is "not found", even when it
-    ends like a builtin folder (a mistyped path must not fill a random folder with MNIST)."""
+    ends like a builtin folder (a mistyped path must not fill a random folder with MNIST).
+    Then every data source is checked: each shard of a pattern, the list file, the folder."""
     if not cfg.data.sources:
         raise UserError("no training data: set data.sources (e.g. data.sources=[{path: DIR}]) "
                         "or use the mnist_tiny_cpu recipe")
@@ -72,6 +74,8 @@ def ensure_builtin_sources(cfg: RunConfig, env: DistEnv) -> None:
         log.info("building the embedded data %s under %s", sorted(sets), builtin_root)
         build_builtin(builtin_root, sets=sorted(sets))
     env.barrier()
+    for src in cfg.data.sources:  # shard patterns, list files, folders: all there?
+        check_source(src)
 
 
 def configure_cpu_threads(cfg: RunConfig, env: DistEnv) -> int:
@@ -161,10 +165,12 @@ def _run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     t0 = time.perf_counter()
     _setup_logging(env)
     total_steps = total_steps_of(cfg)
+    # every data source is checked (and embedded data built) before a model is built or
+    # anything is written: a mistyped path must not leave runs/<name>/ behind
+    ensure_builtin_sources(cfg, env)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     resolved = cfg  # written to config.yaml once the checkpoint (if any) accepted it
-    ensure_builtin_sources(cfg, env)
     threads = configure_cpu_threads(cfg, env)
     log.info("%d intra-op threads per rank", threads)
     seed_everything(cfg.seed, env.rank)

@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 class CheckpointConfig(Section):
     """Sharded, atomic checkpoints."""
 
-    every_n_steps: int = 1250
-    keep_last: int = 3
+    every_n_steps: int = 1250  # save a sharded checkpoint every N steps (0: only at the end)
+    keep_last: int = 3  # checkpoints kept (older ones removed)
     keep_every: int = 0  # also keep every K-th step forever (0: off)
-    resume: bool = True
+    resume: bool = True  # rerunning into the same run directory resumes from its newest checkpoint
 
     def validate(self) -> None:
         if self.every_n_steps < 0:

@@ -34,10 +34,11 @@ class RunConfig(Section):
     """What every training run has, whatever its task; a task's schema extends it with its own
     sections (``model``, ``loss``, ``crops`` ...). ``task`` names the entry of ``TASKS``."""
 
-    name: str = "run"
+    name: str = "run"  # run name: the default run directory runs/<name>-<time> and the job name
     task: str = "ssl"  # a name in dinosys.train.tasks.TASKS (or "module:Class" of a task)
-    seed: int = 0
+    seed: int = 0  # RNG seed (rank r seeds with seed + r)
     max_steps: int | None = None  # None: optim.epochs * optim.iters_per_epoch
+    # stop after this many NaN/inf steps in a row (each is skipped)
     max_consecutive_nonfinite: int = 5
     # testing aid: the first try of each listed step gets a NaN loss (list a step k times to
     # poison k tries in a row); exercises the skip-and-count path end to end

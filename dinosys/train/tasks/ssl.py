@@ -43,16 +43,16 @@ N_GLOBAL = 2
 class SSLLossConfig(Section):
     """Loss weights, temperatures and teacher normalisation of the DINOv2 objective."""
 
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 30
+    dino_weight: float = 1.0  # weight of the DINO (image-level) loss
+    ibot_weight: float = 1.0  # weight of the iBOT (masked patch) loss
+    koleo_weight: float = 0.1  # weight of the KoLeo regulariser (0: off)
+    student_temp: float = 0.1  # softmax temperature of the student
+    teacher_temp: float = 0.07  # softmax temperature of the teacher after warm-up
+    warmup_teacher_temp: float = 0.04  # teacher temperature at the start of its warm-up
+    warmup_teacher_temp_epochs: float = 30  # epochs of the linear teacher-temperature warm-up
     centering: str = "centering"  # centering or sinkhorn_knopp
-    center_momentum: float = 0.9
-    sinkhorn_iterations: int = 3
+    center_momentum: float = 0.9  # EMA momentum of the teacher centre (centering only)
+    sinkhorn_iterations: int = 3  # Sinkhorn-Knopp iterations (sinkhorn_knopp only)
 
     def validate(self) -> None:
         check_choice(self.centering, ("centering", "sinkhorn_knopp"), "loss.centering")
@@ -70,9 +70,10 @@ class SSLLossConfig(Section):
 class SSLOptimConfig(OptimConfig):
     """The optimiser plus DINOv2's teacher EMA momentum and the heads' last-layer freeze."""
 
+    # EMA momentum of the teacher at the start (cosine to the final value)
     momentum_teacher: float = 0.992
-    final_momentum_teacher: float = 1.0
-    freeze_last_layer_epochs: float = 1
+    final_momentum_teacher: float = 1.0  # EMA momentum of the teacher at the end
+    freeze_last_layer_epochs: float = 1  # epochs during which the heads' last layer is not updated
 
     def validate(self) -> None:
         super().validate()

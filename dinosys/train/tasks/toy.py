@@ -28,7 +28,7 @@ class ToyConfig(RunConfig):
     name: str = "toy"
     task: str = "toy"
     model: BackboneConfig = field(default_factory=lambda: BackboneConfig(arch="vit_tiny"))
-    num_classes: int = 10
+    num_classes: int = 10  # classes of the toy classifier
 
 
 @register_task
