@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from curation.config import SourceConfig
+from dinosys.data.sources import expand_shards, source_kind
 from dinosys.data.tar_scan import Damage, scan_tar
 from dinosys.errors import UserError
 
@@ -41,34 +42,6 @@ class Item:
     size: int = -1
     caption: str = ""
     error: str = ""  # set when the input is already known to be unreadable
-
-
-def _expand_shards(pattern: str) -> list[Path]:
-    from braceexpand import braceexpand
-
-    path = Path(pattern)
-    if path.is_dir():
-        return sorted(path.glob("*.tar"))
-    return [Path(p) for p in braceexpand(pattern)]
-
-
-def source_kind(src: SourceConfig) -> str:
-    """Resolve ``kind: auto`` from the path."""
-    if src.kind != "auto":
-        return src.kind
-    path = Path(src.path)
-    if path.suffix == ".txt" and path.is_file():
-        return "list"
-    if path.suffix == ".tar" or "{" in src.path:
-        return "shards"
-    if path.is_dir():
-        return "shards" if any(path.glob("*.tar")) and not _has_images(path) else "folder"
-    raise UserError(f"source '{src.path}' is not a folder, a .txt file list or .tar shards; "
-                    "check the path or set its kind")
-
-
-def _has_images(path: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_EXTS for p in path.rglob("*"))
 
 
 def source_name(src: SourceConfig) -> str:
@@ -127,11 +100,9 @@ def _damage_items(tar_path: Path, damage: list[Damage], found: int) -> Iterator[
                    error=f"damaged shard: {d.describe()} (samples stored there are lost)")
 
 
-def _shard_items(pattern: str) -> Iterator[Item]:
-    tars = _expand_shards(pattern)
-    if not tars:
-        raise UserError(f"no .tar shards match '{pattern}'")
-    for tar_path in tars:
+def _shard_items(tar: str) -> Iterator[Item]:
+    """The images of one shard (a unit): members located by offset, damage as rows."""
+    for tar_path in [Path(tar)]:
         try:
             scan = scan_tar(tar_path)
         except OSError as exc:
@@ -199,11 +170,9 @@ def list_units(sources: list[tuple[str, SourceConfig]]) -> list[Unit]:
         if (role, name) in names:
             raise UserError(f"two {role} sources are both named '{name}'; give them distinct names")
         names.add((role, name))
-        kind = source_kind(src)
+        kind = source_kind(src.path, src.kind)  # the rules training's data sources follow
         if kind == "shards":
-            tars = _expand_shards(src.path)
-            if not tars:
-                raise UserError(f"no .tar shards match '{src.path}'")
+            tars = expand_shards(src.path)
             units.extend(Unit(role, name, shard=str(t)) for t in tars)
             continue
         files = list(_folder_items(Path(src.path)) if kind == "folder"
