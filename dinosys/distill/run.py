@@ -149,7 +149,7 @@ def shard_for_training(task: DistillTask, env: DistEnv, cfg: DistConfig) -> None
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    from dinosys.distributed.fsdp import build_mesh, shard_model
+    from dinosys.distributed.fsdp import build_mesh, shard_modules
 
     world_mesh = build_mesh(env, cfg)
     teacher_bb = task.teacher.backbone
@@ -159,8 +159,8 @@ def shard_for_training(task: DistillTask, env: DistEnv, cfg: DistConfig) -> None
     for name, student in task.students.items():
         group = task.layout.groups[name]
         mesh = world_mesh if group is None else DeviceMesh.from_group(group, env.device.type)
-        shard_model(student.modules, mesh, cfg)
-        shard_model({"backbone": student.ema}, mesh, cfg)
+        shard_modules(student.modules, env, cfg, mesh)
+        shard_modules({"backbone": student.ema}, env, cfg, mesh, trainable=False)
 
 
 def _knn_sets(cfg: DistillConfig) -> tuple[Any, Any] | None:
