@@ -36,7 +36,7 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 BAD_REASONS = ("empty", "not_image", "too_large", "truncated", "corrupt", "no_image_field",
-               "read_error")
+               "read_error", "no_text", "bad_text")  # the last two: image-text training
 
 
 class BadImageError(Exception):

@@ -56,17 +56,25 @@ class DataSourceConfig(Section):
 @dataclass
 class Sample:
     """One sample with every member: encoded image bytes, label (-1 if none), caption (None if
-    none), JSON metadata (None if none) and where it came from (for logs)."""
+    none), JSON metadata (None if none) and where it came from (for logs). ``text_error`` says
+    why a caption that exists could not be read (not UTF-8); ``text`` is None then."""
 
     image: bytes
     label: int
     where: str
     text: str | None = None
     meta: dict | None = None
+    text_error: str | None = None
 
 
-def _text(raw: bytes | None) -> str | None:
-    return None if raw is None else raw.decode("utf-8", errors="replace").strip()
+def _caption(raw: bytes | None) -> dict[str, str | None]:
+    """``text`` / ``text_error`` fields of a Sample from a raw caption member."""
+    if raw is None:
+        return {"text": None}
+    try:
+        return {"text": raw.decode("utf-8").strip()}
+    except UnicodeDecodeError as exc:
+        return {"text": None, "text_error": f"caption is not UTF-8 (byte {exc.start})"}
 
 
 def _meta(raw: bytes | None) -> dict | None:
@@ -111,7 +119,7 @@ class FileSource:
                 data = fh.read()
         except OSError as exc:
             raise BadImageError("read_error", f"{path}: {exc.strerror}") from exc
-        return Sample(data, int(self.labels[index]), path, text=_text(_sidecar(path, ".txt")),
+        return Sample(data, int(self.labels[index]), path, **_caption(_sidecar(path, ".txt")),
                       meta=_meta(_sidecar(path, ".json")))
 
 
@@ -346,7 +354,7 @@ class ShardSource:
         fh = self._handle(shard)
         data = self._member(fh, member, where)
         return Sample(data, idx.labels[local], where,  # type: ignore[arg-type]
-                      text=_text(self._member(fh, idx.text[local], where)),
+                      **_caption(self._member(fh, idx.text[local], where)),
                       meta=_meta(self._member(fh, idx.meta[local], where)))
 
 

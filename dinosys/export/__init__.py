@@ -15,3 +15,4 @@ __all__ = ["EXPORTERS", "MODEL_TYPES", "load", "register_exporter", "register_mo
            "save_native"]
 
 from dinosys.export import exporter  # noqa: E402, F401  (registers the backbone formats)
+from dinosys.export import clip_model  # noqa: E402, F401  (the clip model type + open_clip)

@@ -53,7 +53,11 @@ def load_exported(path: Path) -> nn.Module:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"cannot read model weights {weights}: {exc}") from exc
-    load_state_dict_strict(model, state, f"weights from {weights}")
+    loader = getattr(model, "load_export_state_dict", None)  # the counterpart of
+    if loader is not None:                                    # export_state_dict (native.py)
+        loader(state, f"weights from {weights}")
+    else:
+        load_state_dict_strict(model, state, f"weights from {weights}")
     return model.eval()
 
 

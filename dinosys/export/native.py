@@ -29,7 +29,10 @@ def write_native(model: nn.Module, out_dir: Path, card: dict | None = None,
     """Write the native files into an existing directory (no atomicity); returns the config."""
     model_type = MODEL_TYPES[model_type_of(model)]
     config = model_type.describe(model, card or {})
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # a model may hold weights outside its state_dict (a frozen backbone that checkpoints skip):
+    # ``export_state_dict()`` gives every weight the export needs
+    weights = getattr(model, "export_state_dict", model.state_dict)()
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out_dir / "README.md").write_text(model_type.card(config, card or {}, formats or []))

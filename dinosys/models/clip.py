@@ -13,7 +13,7 @@ Image towers:
 The frozen backbone is *not a registered submodule* of the locked tower: it has no gradients,
 never reaches the optimizer, FSDP or a checkpoint (``state_dict()`` holds only what trains), and
 it stays in eval mode. It still follows ``.to()``/``.cuda()``/dtype casts. Exports write it
-(``full_state_dict()``) so an exported model is self-contained.
+(``export_state_dict()``) so an exported model is self-contained.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinosys.config import check_choice, check_range
+from dinosys.config import Section, check_choice, check_range
 from dinosys.errors import UserError
 from dinosys.losses.clip import LOGIT_SCALE_INIT
 from dinosys.models.block import Block
@@ -36,7 +36,7 @@ LOCKED_PREFIX = "visual.locked."
 
 
 @dataclass
-class ImageTowerConfig:
+class ImageTowerConfig(Section):
     """The image tower: a trained ViT (``locked: null``) or a frozen backbone (LiT)."""
 
     # architecture of a trained tower (ignored when ``locked`` is set: the backbone's own)
@@ -47,7 +47,7 @@ class ImageTowerConfig:
     block_drop_path: float = 0.3  # drop path of those blocks (dino.txt)
     pool: str = "auto"  # cls | cls_mean; auto: cls for a trained tower, cls_mean for a locked one
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check_choice(self.pool, ("auto", "cls", "cls_mean"), "model.image.pool")
         check_range(self.trainable_blocks, "model.image.trainable_blocks", 0)
         check_range(self.block_drop_path, "model.image.block_drop_path", 0.0, 1.0)
@@ -61,7 +61,7 @@ class ImageTowerConfig:
 
 
 @dataclass
-class ClipModelConfig:
+class ClipModelConfig(Section):
     """A CLIP model: shared embedding size, image tower, text tower, logit scale (and bias)."""
 
     embed_dim: int = 512
@@ -70,7 +70,7 @@ class ClipModelConfig:
     init_logit_scale: float = LOGIT_SCALE_INIT
     init_logit_bias: float | None = None  # set for SigLIP (-10)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check_range(self.embed_dim, "model.embed_dim", 1)
 
 
@@ -142,23 +142,29 @@ class LockedImageTower(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Images (B, C, H, W) -> (B, embed_dim), not normalised."""
         backbone = self.locked
+        # the frozen backbone keeps its own dtype (FSDP mixed precision casts only the
+        # trainable parts); its output enters the trainable blocks in theirs
         with torch.no_grad():
-            out = backbone(images)
+            out = backbone(images.to(backbone.pos_embed.dtype))
         r = backbone.num_register_tokens
+        dtype = self.proj.weight.dtype
         if self.blocks:
-            x = out["x_prenorm"].detach()
+            x = out["x_prenorm"].detach().to(dtype)
             for blk in self.blocks:
                 x = blk(x)
             x = self.norm(x)
             cls_token, patches = x[:, 0], x[:, 1 + r :]
         else:
-            cls_token, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"]
+            cls_token = out["x_norm_clstoken"].to(dtype)
+            patches = out["x_norm_patchtokens"].to(dtype)
         return self.proj(_pool(cls_token, patches, self.pool))
 
 
 class CLIPModel(nn.Module):
     """``encode_image``/``encode_text`` -> L2-normalised embeddings; ``logit_scale`` (log) and,
     for SigLIP, ``logit_bias`` are learned."""
+
+    model_type = "clip"  # what an exported directory's config.json names
 
     def __init__(self, cfg: ClipModelConfig, locked_backbone: DinoVisionTransformer | None = None
                  ) -> None:
@@ -210,13 +216,27 @@ class CLIPModel(nn.Module):
         """Normalised (image, text) embeddings."""
         return self.encode_image(images), self.encode_text(tokens)
 
-    def full_state_dict(self) -> dict[str, Tensor]:
+    def export_state_dict(self) -> dict[str, Tensor]:
         """Every weight, the frozen backbone included (under ``visual.locked.``): for exports."""
         state = dict(self.state_dict())
         if isinstance(self.visual, LockedImageTower):
             for k, v in self.visual.locked.state_dict().items():
                 state[LOCKED_PREFIX + k] = v
         return state
+
+    def load_export_state_dict(self, state: dict[str, Tensor], what: str = "model") -> None:
+        """Load what :meth:`export_state_dict` gave (strict: every key, every shape)."""
+        from dinosys.export.convert import load_state_dict_strict
+
+        own = {k: v for k, v in state.items() if not k.startswith(LOCKED_PREFIX)}
+        locked = {k[len(LOCKED_PREFIX):]: v for k, v in state.items()
+                  if k.startswith(LOCKED_PREFIX)}
+        if isinstance(self.visual, LockedImageTower):
+            load_state_dict_strict(self.visual.locked, locked, f"{what} (frozen backbone)")
+        elif locked:
+            raise UserError(f"cannot load {what}: it holds a frozen backbone "
+                            f"({LOCKED_PREFIX}*) but the model has a trained image tower")
+        load_state_dict_strict(self, own, what)
 
     def config_dict(self) -> dict:
         """The architecture as plain data; a locked backbone's own architecture is recorded."""

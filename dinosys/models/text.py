@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dinosys.config import check_range
+from dinosys.config import ConfigError, Section, check_range
 from dinosys.data.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
 from dinosys.errors import UserError
 
 
 @dataclass
-class TextConfig:
+class TextConfig(Section):
     """Text tower size (open_clip ``text_cfg`` fields of the same names)."""
 
     width: int = 512
@@ -35,13 +35,13 @@ class TextConfig:
     vocab_size: int = VOCAB_SIZE
     mlp_ratio: float = 4.0
 
-    def __post_init__(self) -> None:
-        check_range(self.layers, "text.layers", 1)
-        check_range(self.heads, "text.heads", 1)
-        check_range(self.context_length, "text.context_length", 2)
+    def validate(self) -> None:
+        check_range(self.layers, "model.text.layers", 1)
+        check_range(self.heads, "model.text.heads", 1)
+        check_range(self.context_length, "model.text.context_length", 2)
         if self.width % self.heads:
-            raise UserError(f"config key 'text.width': {self.width} is not divisible by "
-                            f"text.heads={self.heads}")
+            raise ConfigError(f"config key 'model.text.width': {self.width} is not divisible by "
+                            f"model.text.heads={self.heads}")
 
 
 class CausalSelfAttention(nn.Module):

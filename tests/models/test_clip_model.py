@@ -57,7 +57,7 @@ def test_locked_tower_is_frozen_unsaved_and_follows_casts():
     names = [n for n, _ in model.named_parameters()]
     assert not any("locked" in n for n in names) and "visual.blocks.0.attn.qkv.weight" in names
     assert not any(k.startswith("visual.locked") for k in model.state_dict())
-    full = model.full_state_dict()
+    full = model.export_state_dict()
     assert {k[len(LOCKED_PREFIX):] for k in full if k.startswith(LOCKED_PREFIX)} == set(before)
     assert model.visual.proj.in_features == 2 * 32  # cls ⊕ mean patch
     model.train()

@@ -21,7 +21,8 @@ TASKS: dict[str, type[TrainTask]] = {}
 T = TypeVar("T", bound=type[TrainTask])
 
 # modules whose import registers the built-in tasks (a new task adds its module here)
-BUILTIN_TASK_MODULES = ("dinosys.train.tasks.ssl", "dinosys.train.tasks.toy")
+BUILTIN_TASK_MODULES = ("dinosys.train.tasks.ssl", "dinosys.train.tasks.toy",
+                        "dinosys.train.tasks.clip")
 
 
 def register_task(cls: T) -> T:
