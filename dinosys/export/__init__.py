@@ -14,5 +14,7 @@ from dinosys.export.registry import EXPORTERS, MODEL_TYPES, register_exporter, r
 __all__ = ["EXPORTERS", "MODEL_TYPES", "load", "register_exporter", "register_model_type",
            "save_native"]
 
-from dinosys.export import exporter  # noqa: E402, F401  (registers the backbone formats)
-from dinosys.export import clip_model  # noqa: E402, F401  (the clip model type + open_clip)
+from dinosys.export import (
+           clip_model,  # noqa: E402, F401  (the clip model type + open_clip)
+           exporter,  # noqa: E402, F401  (registers the backbone formats)
+)
