@@ -59,7 +59,7 @@ from dinosys.errors import UserError
 
 # modules whose import registers evaluators (imported on first use of the registry)
 EVALUATOR_MODULES = ("dinosys.eval.knn", "dinosys.eval.linear", "dinosys.eval.zeroshot",
-                     "dinosys.eval.suite")
+                     "dinosys.eval.retrieval", "dinosys.eval.suite")
 
 
 @dataclass(frozen=True)
