@@ -94,9 +94,9 @@ def open_clip_state_dict(model: CLIPModel) -> dict[str, Tensor]:
     out["visual.head.proj.weight"] = model.visual.proj.weight.detach().clone()
     for k, v in model.text.state_dict().items():
         out[k] = v.detach().clone()
-    out["logit_scale"] = model.logit_scale.detach().clone()
+    out["logit_scale"] = model.logit_scale.detach().clone().reshape(())
     if model.logit_bias is not None:
-        out["logit_bias"] = model.logit_bias.detach().clone()
+        out["logit_bias"] = model.logit_bias.detach().clone().reshape(())
     return out
 
 

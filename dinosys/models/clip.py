@@ -182,8 +182,10 @@ class CLIPModel(nn.Module):
             self.visual = TrainedImageTower(backbone_from_config(cfg.image.backbone),
                                             cfg.embed_dim, pool)
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
-        self.logit_bias = (nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+        # shape (1,), not a scalar: FSDP2 shards no 0-d parameters (open_clip's
+        # nonscalar_logit_scale; its checkpoint loader reshapes either way)
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        self.logit_bias = (nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))
                            if cfg.init_logit_bias is not None else None)
 
     @property

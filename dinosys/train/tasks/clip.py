@@ -133,10 +133,11 @@ class ClipTask(TrainTask):
             loss = siglip_loss(img, txt, model.logit_scale, model.logit_bias, keys=keys)
         else:
             loss = clip_loss(img, txt, model.logit_scale, keys=keys)
-        out: dict[str, Any] = {"loss": loss, "logit_scale": model.logit_scale.detach().exp(),
+        out: dict[str, Any] = {"loss": loss,
+                               "logit_scale": model.logit_scale.detach().exp().reshape(()),
                                "text_truncated": float(batch.get("text_truncated", 0))}
         if model.logit_bias is not None:
-            out["logit_bias"] = model.logit_bias.detach()
+            out["logit_bias"] = model.logit_bias.detach().reshape(())
         return out
 
     def after_optimizer_step(self, step: int, applied: torch.Tensor) -> None:
