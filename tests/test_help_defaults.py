@@ -33,9 +33,10 @@ def test_eval_knn_help_gives_k_and_random_models() -> None:
 
 
 def test_export_help_gives_formats_and_default() -> None:
+    import dinosys.export.exporter  # noqa: F401 - registers the backbone formats
     from dinosys.cli import build_parser as dinosys_parser
-    from dinosys.export.exporter import FORMATS
+    from dinosys.export.registry import EXPORTERS
 
     sub = next(a for a in dinosys_parser()._actions if a.dest == "command")
     text = " ".join(sub.choices["export"].format_help().split())
-    assert f"from {','.join(FORMATS)}" in text and "(default: native)" in text
+    assert f"from {','.join(['native', *EXPORTERS])}" in text and "(default: native)" in text
