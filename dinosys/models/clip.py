@@ -231,6 +231,10 @@ class CLIPModel(nn.Module):
         from dinosys.export.convert import load_state_dict_strict
 
         own = {k: v for k, v in state.items() if not k.startswith(LOCKED_PREFIX)}
+        for name in ("logit_scale", "logit_bias"):  # 0-d in exports written before (1,)
+            param = getattr(self, name)
+            if name in own and param is not None and own[name].numel() == 1:
+                own[name] = own[name].reshape(param.shape)
         locked = {k[len(LOCKED_PREFIX):]: v for k, v in state.items()
                   if k.startswith(LOCKED_PREFIX)}
         if isinstance(self.visual, LockedImageTower):
@@ -254,7 +258,10 @@ def build_clip_model(cfg: ClipModelConfig) -> CLIPModel:
     if cfg.image.locked:
         from dinosys.export import load
 
-        locked = load(cfg.image.locked)
+        try:
+            locked = load(cfg.image.locked)
+        except UserError as exc:
+            raise UserError(f"config key 'model.image.locked': {exc}") from exc
         if not isinstance(locked, DinoVisionTransformer):
             raise UserError(f"model.image.locked={cfg.image.locked!r} is not a ViT backbone "
                             f"(got {type(locked).__name__})")
