@@ -131,7 +131,9 @@ def test_kill_9_then_exact_resume_at_same_and_other_world_size(reference: Path,
     ok(distill(other, teacher_run, builtin_data, 1, 8, None))  # DCP reshards, loader re-splits
     assert_same_run(reference, other)
     refused = distill(other, teacher_run, builtin_data, 2, 4, {"s": (0, 0), "b": (1, 1)})
-    assert refused.returncode == 2 and "rank subgroups" in refused.stderr, refused.stderr[-2000:]
+    # every rank ends with exit 2 and one line; torchrun itself then exits 1
+    assert refused.returncode != 0 and "resuming students on rank subgroups" in refused.stderr
+    assert "exitcode  : 2" in refused.stderr
 
 
 def test_checkpoint_and_exports(reference: Path, teacher_run: Path) -> None:
