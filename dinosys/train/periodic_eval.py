@@ -29,11 +29,16 @@ class PeriodicEvalConfig(Section):
     # neighbour counts of the periodic kNN
     knn_k: list[int] = field(default_factory=lambda: [10, 20])
     knn_temperature: float = 0.07  # vote temperature of the periodic kNN
+    zeroshot_every_n_steps: int = 0  # 0: off; zero-shot of an image-text model (eval zeroshot)
+    zeroshot_val: str | None = None  # zero-shot folder DIR/<class>/<image>
+    zeroshot_templates: str | None = None  # prompt templates file (None: the 7 simple ones)
 
     def validate(self) -> None:
         check_bounds(self, "eval", {"knn_k": (1, None), "knn_temperature": (1e-8, None)})
         if self.knn_every_n_steps < 0:
             raise ConfigError("config key 'eval.knn_every_n_steps': must be >= 0 (0: off)")
+        if self.zeroshot_every_n_steps < 0:
+            raise ConfigError("config key 'eval.zeroshot_every_n_steps': must be >= 0 (0: off)")
 
 
 class PeriodicEvaluator(Protocol):
@@ -89,4 +94,18 @@ def build_periodic_evaluators(cfg: RunConfig, task: TrainTask) -> list[PeriodicE
         val = load_image_folder(Path(ev.knn_val), size, mean, std)
         evaluators.append(KnnEvaluator(ev.knn_every_n_steps, train, val, ev.knn_k,
                                        ev.knn_temperature))
+    if ev.zeroshot_every_n_steps:
+        if not ev.zeroshot_val:
+            raise UserError("eval.zeroshot_every_n_steps > 0 needs eval.zeroshot_val (an image "
+                            "folder DIR/<class>/<image>)")
+        from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
+        from dinosys.eval.periodic import RegistryEvaluator
+        from dinosys.eval.registry import get_evaluator
+
+        main = next(iter(task.exports().values()))
+        zs = get_evaluator("zeroshot").make_config(val=ev.zeroshot_val,
+                                                   templates=ev.zeroshot_templates)
+        evaluators.append(RegistryEvaluator("zeroshot", zs, ev.zeroshot_every_n_steps,
+                                            main.card.get("mean", IMAGENET_MEAN),
+                                            main.card.get("std", IMAGENET_STD)))
     return evaluators

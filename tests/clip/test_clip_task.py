@@ -80,14 +80,18 @@ def test_lit_locked_backbone_is_not_saved_and_resume_is_exact(tmp_path, builtin_
 
 def test_clip_from_scratch_and_siglip_export_and_zero_shot(tmp_path, builtin_data):
     shards = builtin_data / "shards" / "mnist"
-    clip_cfg = load_task_config(clip_yaml(tmp_path, shards, TRAINED_TOWER), ["max_steps=2"])
+    val = builtin_data / "mnist" / "val"
+    clip_cfg = load_task_config(clip_yaml(tmp_path, shards, TRAINED_TOWER), [
+        "max_steps=2", "eval.zeroshot_every_n_steps=2", f"eval.zeroshot_val={val}",
+        f"eval.zeroshot_templates={TEMPLATES}"])
     run = run_train(clip_cfg, tmp_path / "clip")
     assert run["status"] == "finished"
+    periodic = [r for r in _metrics(tmp_path / "clip") if "zeroshot/top1" in r]
+    assert periodic and 0 <= periodic[-1]["zeroshot/top1"] <= 1  # the loop's evaluators
     exported = json.loads((tmp_path / "clip" / "export" / "clip" / "config.json").read_text())
     assert exported["model_type"] == "clip" and exported["objective"] == "clip"
     model = load(tmp_path / "clip")
     assert isinstance(model, CLIPModel) and not model.is_locked and model.logit_bias is None
-    val = builtin_data / "mnist" / "val"
     out = run_evaluator("zeroshot", EvalModel.load(tmp_path / "clip"), val=str(val),
                         templates=str(TEMPLATES))
     assert out["n_classes"] == 10 and out["n_val"] == 1000 and 0 <= out["metrics"]["top1"] <= 1
