@@ -37,10 +37,11 @@ class ImageTextConfig(Section):
     size: int = 224  # crop size in pixels (the image tower's img_size)
     scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # aspect ratio range
+    # normalisation mean (RGB)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    max_pixels: int = 89_478_485
-    decoder: str = "auto"
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # normalisation std (RGB)
+    max_pixels: int = 89_478_485  # larger images are refused as bad samples (decompression bombs)
+    decoder: str = "auto"  # auto: simplejpeg for JPEGs when installed, else Pillow
 
     def validate(self) -> None:
         check_range(self.size, "image.size", 1)

@@ -63,11 +63,11 @@ class DistillLossConfig(SSLLossConfig):
 
     mode: str = "auto"  # auto: heads when the teacher has them, else features
     mask_student: bool = False  # DINOv2: no masking of student inputs; DINOv3 kept it
-    cls_weight: float = 1.0
-    patch_weight: float = 1.0
-    cosine_weight: float = 1.0
-    smooth_l1_weight: float = 1.0
-    smooth_l1_beta: float = 1.0
+    cls_weight: float = 1.0  # feature mode: weight of the class-token term
+    patch_weight: float = 1.0  # feature mode: weight of the patch-token term
+    cosine_weight: float = 1.0  # feature mode: weight of the cosine distance
+    smooth_l1_weight: float = 1.0  # feature mode: weight of the smooth-L1 distance
+    smooth_l1_beta: float = 1.0  # feature mode: smooth-L1 beta (quadratic below it)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,12 +78,14 @@ class DistillLossConfig(SSLLossConfig):
 class DistillConfig:
     """`dinosys distill`: a frozen teacher into one or more students (one teacher forward)."""
 
-    name: str = "distill"
-    seed: int = 0
+    name: str = "distill"  # run name: the default run directory runs/<name>-<time>
+    seed: int = 0  # RNG seed (rank r seeds with seed + r)
     max_steps: int | None = None  # None: optim.epochs * optim.iters_per_epoch
-    max_consecutive_nonfinite: int = 5
+    max_consecutive_nonfinite: int = 5  # stop after this many NaN/inf steps in a row
+    # testing aid: these steps get a NaN loss
     debug_nonfinite_steps: list[int] = field(default_factory=list)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # the students: [{name, model, heads, ranks, ...}, ...]
     students: list[StudentConfig] = field(default_factory=list)
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     crops: CropConfig = field(default_factory=CropConfig)
@@ -94,6 +96,7 @@ class DistillConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
+    # formats of each student's export
     export_formats: list[str] = field(default_factory=lambda: ["native"])
 
     def __post_init__(self) -> None:

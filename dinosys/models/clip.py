@@ -64,10 +64,10 @@ class ImageTowerConfig(Section):
 class ClipModelConfig(Section):
     """A CLIP model: shared embedding size, image tower, text tower, logit scale (and bias)."""
 
-    embed_dim: int = 512
+    embed_dim: int = 512  # shared image-text embedding size
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    init_logit_scale: float = LOGIT_SCALE_INIT
+    init_logit_scale: float = LOGIT_SCALE_INIT  # initial logit scale (log of 1/temperature)
     init_logit_bias: float | None = None  # set for SigLIP (-10)
 
     def validate(self) -> None:

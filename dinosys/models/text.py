@@ -28,12 +28,12 @@ from dinosys.errors import UserError
 class TextConfig(Section):
     """Text tower size (open_clip ``text_cfg`` fields of the same names)."""
 
-    width: int = 512
-    layers: int = 12
-    heads: int = 8
-    context_length: int = CONTEXT_LENGTH
-    vocab_size: int = VOCAB_SIZE
-    mlp_ratio: float = 4.0
+    width: int = 512  # text transformer width
+    layers: int = 12  # text transformer blocks
+    heads: int = 8  # text attention heads
+    context_length: int = CONTEXT_LENGTH  # tokens per caption, start and end tokens included
+    vocab_size: int = VOCAB_SIZE  # BPE vocabulary size (the CLIP tokenizer's)
+    mlp_ratio: float = 4.0  # MLP hidden size / width
 
     def validate(self) -> None:
         check_range(self.layers, "model.text.layers", 1)
