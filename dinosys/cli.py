@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run directory or checkpoint")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="native",
-                   help="comma list of formats, from native,timm,hf,onnx; native (safetensors + "
-                   "config.json + model card) is always written, the others go to OUT/timm/, "
-                   "OUT/hf/, OUT/onnx/ (default: native)")
+                   help="comma list of formats: native, timm, hf, onnx (ViT backbones), "
+                   "open_clip (CLIP models); native (safetensors + config.json + model card) is "
+                   "always written, the others go to OUT/<format>/ (default: native)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("config", help="see the settings: `dinosys config show RECIPE [--diff]`")
