@@ -121,6 +121,21 @@ def is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2-wrapped submodule of ``module`` back into its sharded state.
+
+    FSDP2 keeps a root module's parameters unsharded after its forward (it expects a backward
+    right after). A module that only runs forward, such as an EMA teacher, then holds full
+    copies: the EMA must write the shards, and the next forward must all-gather them again.
+    No-op without FSDP2.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
 def set_gradient_sync(modules: Iterable[nn.Module], enabled: bool) -> None:
     """Turn gradient reduce-scatter on/off (off on the non-final micro-steps of accumulation)."""
     for module in modules:

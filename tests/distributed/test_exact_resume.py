@@ -24,7 +24,8 @@ from dinosys.distributed.sharded_checkpoint import CheckpointManager, load_backb
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 N = 3
-TIMING_KEYS = {"images_per_s", "data_wait_frac", "tflops_per_s", "mfu", "peak_mem_gib"}
+TIMING_KEYS = {"images_per_s", "data_wait_frac", "tflops_per_s", "mfu", "peak_mem_gib", "elapsed_s",
+               "eta_s"}
 
 
 def overrides(data: Path) -> list[str]:

@@ -21,7 +21,7 @@ from dinosys.config import ConfigError, Section, check_bounds, check_choice
 from dinosys.data.augment import CropConfig
 from dinosys.data.masking import MaskConfig
 from dinosys.distributed.env import DistEnv
-from dinosys.distributed.fsdp import build_mesh, shard_modules
+from dinosys.distributed.fsdp import build_mesh, reshard, shard_modules
 from dinosys.losses.dino import dino_loss
 from dinosys.losses.ibot import ibot_loss
 from dinosys.losses.koleo import koleo_loss
@@ -256,6 +256,7 @@ class SSLTask(TrainTask):
 
     def after_optimizer_step(self, step: int, applied: Tensor) -> None:
         """Teacher EMA update on the local shards (none when the step was skipped)."""
+        reshard(self.teacher)  # FSDP2 left the teacher's root unsharded after its forward
         if self._ema is None:
             self._ema = ema_pairs(self.teacher, self.student)
         ema_update(*self._ema, self.schedules.momentum(step), apply=applied)
