@@ -20,7 +20,8 @@ from dinosys.distributed.sharded_checkpoint import CheckpointManager, load_backb
 REPO = Path(__file__).resolve().parents[2]
 KILLER = REPO / "tests" / "distributed" / "train_until_killed.py"
 STEPS = 6
-TIMING = {"images_per_s", "data_wait_frac", "tflops_per_s", "mfu", "peak_mem_gib", "elapsed_s", "eta_s"}
+TIMING = {"images_per_s", "data_wait_frac", "tflops_per_s", "mfu", "peak_mem_gib", "elapsed_s",
+          "eta_s"}
 STUDENT = ("{{name: {name}, {ranks}model: {{arch: vit_tiny, img_size: 28, patch_size: 14, "
            "embed_dim: {width}, depth: {depth}, num_heads: 2, layerscale_init: null}}, "
            "heads: {{hidden_dim: 32, bottleneck_dim: 16}}}}")
