@@ -48,7 +48,7 @@ def test_bad_distill_config_exits_2_before_queueing(tmp_path: Path) -> None:
 @pytest.mark.dist
 def test_two_task_distillation_requeues_on_usr2_and_finishes_every_step_once(
         tmp_path: Path, teacher_run: Path, builtin_data: Path) -> None:
-    run, steps = tmp_path / "run", 8
+    run, steps = tmp_path / "run", 60  # enough steps left when USR2 arrives
     res = _submit("distill", "--gpus-per-node", "0", "--tasks-per-node", "2", "--partition",
                   "debug", "--timeout-min", "10", "--max-requeues", "2", "--out", str(run),
                   "--", "mnist_demo_cpu", f"teacher.path={teacher_run}", STUDENTS,
