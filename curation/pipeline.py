@@ -136,51 +136,6 @@ def _embed_one(cfg: CurationConfig, name: str, ecfg: EmbedConfig, part: tuple[in
         log.info("%s: %d of %d chunks done; other parts or a re-run do the rest", name, done,
                  total)
         return summary
-    merged = merge_chunks(chunk_dir, total)
-    save_npy(stage.dir / "embeddings.npy", merged["emb"])
-    save_npy(stage.dir / "ids.npy", merged["ids"])
-    save_table(stage.dir / "decoded.parquet", {"id": merged["ids"], "width": merged["width"],
-                                               "height": merged["height"]})
-    save_table(stage.dir / "failures.parquet", {"id": merged["failed_ids"],
-                                                "reason": list(merged["failed_reasons"])})
-    summary.update(embedded=int(len(merged["ids"])), decode_failures=int(len(merged["failed_ids"])),
-                   dim=int(merged["emb"].shape[1]))
-    stage.mark_done(key, summary)
-    return summary
-
-
-def _embed_one(cfg: CurationConfig, name: str, ecfg: EmbedConfig, part: tuple[int, int],
-               max_chunks: int | None, merge_only: bool = False) -> dict:
-    work = work_dir(cfg)
-    stage = Stage(work, name)
-    embed_cfg = {k: v for k, v in to_dict(ecfg).items() if k != "num_workers"}
-    key = digest("embed", Stage(work, "ingest").done_digest(), embed_cfg)
-    if stage.is_done(key):
-        return stage.summary()
-    cols = items(cfg)
-    ok = cols["status"] == "ok"
-    rows = {k: v[ok] for k, v in cols.items()}
-    if not len(rows["id"]):
-        raise UserError(f"no readable images in the sources ({len(ok)} listed); check the paths")
-    chunk_dir = stage.dir / f"chunks-{key}"
-    total = n_chunks(len(rows["id"]), ecfg.chunk_size)
-    t0 = time.time()
-    written = 0
-    if not merge_only:
-        fm = load_feature_model(ecfg.model, ecfg.mean, ecfg.std)
-        written = embed_chunks(fm, rows, ecfg, chunk_dir, part, max_chunks, cfg.progress)
-    elapsed = time.time() - t0
-    missing = [c for c in range(total) if not (chunk_dir / f"chunk-{c:06d}.json").is_file()]
-    done = total - len(missing)
-    if merge_only and missing:
-        raise UserError(f"{name}: chunk {missing[0]} of {total} is missing ({len(missing)} in "
-                        f"all); run the part that owns it (chunk c belongs to part c % n)")
-    summary = {"chunks_total": total, "chunks_done": done, "chunks_written_now": written,
-               "seconds": round(elapsed, 2), "part": f"{part[0]}/{part[1]}"}
-    if done < total:
-        log.info("%s: %d of %d chunks done; other parts or a re-run do the rest", name, done,
-                 total)
-        return summary
 
     def combine() -> dict:
         merged = merge_chunks(chunk_dir, total, stage.dir / "embeddings.npy")
@@ -195,8 +150,6 @@ def _embed_one(cfg: CurationConfig, name: str, ecfg: EmbedConfig, part: tuple[in
         return summary
 
     return merge_once(stage, key, combine)
-
-
 
 
 STAGES: dict[str, Callable] = {
