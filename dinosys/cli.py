@@ -59,20 +59,26 @@ def load_command_config(command: str, config: str, overrides: list[str]):  # noq
     return load_task_config(config, overrides, default_task=default.name)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_command_config(args.command, args.config, args.overrides)
+def _run_job(cfg, out: str | None, runner) -> int:
+    """``runner(cfg, run_dir)`` in ``out`` (or a new default run directory); rank 0 prints the
+    summary (one per job, not one per rank)."""
     from dinosys.distributed.env import detect_layout
-    from dinosys.train.run import run_train
 
     _, rank, world_size, _ = detect_layout()
-    if world_size > 1 and not args.out:
+    if world_size > 1 and not out:
         raise UserError("a multi-rank run needs --out RUN: every rank must write to the same "
                         "run directory (a default name differs between ranks)")
-    run_dir = Path(args.out) if args.out else default_run_dir(cfg.name)
-    summary = run_train(cfg, run_dir)
-    if rank == 0:  # one summary per job, not one per rank
+    summary = runner(cfg, Path(out) if out else default_run_dir(cfg.name))
+    if rank == 0:
         print_json(summary)
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_command_config(args.command, args.config, args.overrides)
+    from dinosys.train.run import run_train
+
+    return _run_job(cfg, args.out, run_train)
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -81,18 +87,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     cfg = load_config(DistillConfig, args.config, args.overrides, kind="distill")
     from dinosys.distill.run import check_config, run_distill
-    from dinosys.distributed.env import detect_layout
 
     check_config(cfg)
-    _, rank, world_size, _ = detect_layout()
-    if world_size > 1 and not args.out:
-        raise UserError("a multi-rank run needs --out RUN: every rank must write to the same "
-                        "run directory (a default name differs between ranks)")
-    run_dir = Path(args.out) if args.out else default_run_dir(cfg.name)
-    summary = run_distill(cfg, run_dir)
-    if rank == 0:
-        print_json(summary)
-    return 0
+    return _run_job(cfg, args.out, run_distill)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
