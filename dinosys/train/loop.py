@@ -109,10 +109,14 @@ class Trainer:
                 self.inject[step] -= 1
                 loss = loss * float("nan")
             ok = ok * finite_flag(loss)
-            (loss / n).backward()
+            # accumulate the logs (new tensors) before backward: a task may log a view of a
+            # parameter (SigLIP's logit bias), and FSDP2 frees the unsharded parameters'
+            # storage when it reshards after backward; reading such a view later is a
+            # use-after-free (a SIGSEGV on 2+ ranks)
             for key, value in out.items():
                 v = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
                 logs[key] = logs.get(key, 0.0) + v / n
+            (loss / n).backward()
         return ok, logs
 
     def train_step(self, batches: list[Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
