@@ -1,4 +1,4 @@
-"""Shared test set-up: offline guard, marker gating, cached embedded data."""
+"""Shared test set-up: offline guard, marker gating, cached embedded data, a tiny export."""
 
 from __future__ import annotations
 
@@ -71,4 +71,21 @@ def builtin_data() -> Path:
 
     out = CACHE / "builtin"
     build_builtin(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported 2-block ViT (28 px, patch 14: 4 patch tokens) with random weights (seed 0):
+    the model of the evaluation tests and the frozen backbone of the LiT tests."""
+    import torch
+
+    from dinosys.export import save_native
+    from dinosys.models import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone("vit_tiny", img_size=28, patch_size=14, embed_dim=32, depth=2,
+                            num_heads=2, layerscale_init=None)
+    out = tmp_path_factory.mktemp("tiny-export") / "model"
+    save_native(model.eval(), out)
     return out

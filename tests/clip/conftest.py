@@ -1,26 +1,9 @@
-"""Fixtures of the image-text tests: a tiny locked backbone export and tiny clip configs."""
+"""Tiny clip configs of the image-text tests (the frozen backbone LiT locks is the shared
+``tiny_export`` fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
-
-
-@pytest.fixture(scope="session")
-def locked_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An exported 2-block ViT (28 px, patch 14) to lock under a LiT tower."""
-    import torch
-
-    from dinosys.export import save_native
-    from dinosys.models import create_backbone
-
-    torch.manual_seed(0)
-    model = create_backbone("vit_tiny", img_size=28, patch_size=14, embed_dim=32, depth=2,
-                            num_heads=2, layerscale_init=None)
-    out = tmp_path_factory.mktemp("locked") / "backbone"
-    save_native(model.eval(), out)
-    return out
 
 
 def clip_yaml(tmp_path: Path, shards: Path, image: str, extra: str = "") -> Path:

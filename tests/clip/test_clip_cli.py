@@ -36,7 +36,7 @@ def test_submit_clip_is_the_preemption_safe_training_path(tmp_path, builtin_data
     assert type(cfg) is ClipRunConfig and cfg.task == "clip" and cfg.max_steps == 3
 
 
-def test_bad_input_is_one_line_exit_2(tmp_path, builtin_data, locked_export):
+def test_bad_input_is_one_line_exit_2(tmp_path, builtin_data, tiny_export):
     missing = clip_yaml(tmp_path, builtin_data / "shards" / "mnist",
                         f"{{locked: {tmp_path / 'no_such_run'}}}")
     res = _cli("clip", str(missing), "--out", str(tmp_path / "r1"), cwd=tmp_path)
@@ -45,7 +45,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, builtin_data, locked_export):
     assert "model.image.locked" in line and "no_such_run" in line
     # a LiT model has no open_clip form: the export says so in one line, writes nothing
     lit = clip_yaml(tmp_path, builtin_data / "shards" / "mnist",
-                    f"{{locked: {locked_export}, trainable_blocks: 1}}")
+                    f"{{locked: {tiny_export}, trainable_blocks: 1}}")
     res = _cli("clip", str(lit), "--out", str(tmp_path / "lit"), "max_steps=1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     res = _cli("export", "--model", str(tmp_path / "lit"), "--out", str(tmp_path / "exp"),
@@ -59,7 +59,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, builtin_data, locked_export):
     res = _cli("eval", "zeroshot", "--model", str(tmp_path / "lit"), "--val", str(val),
                "--templates", str(empty), cwd=tmp_path)
     assert res.returncode == 2 and "no templates" in res.stderr
-    res = _cli("eval", "zeroshot", "--model", str(locked_export), "--val", str(val),
+    res = _cli("eval", "zeroshot", "--model", str(tiny_export), "--val", str(val),
                cwd=tmp_path)
     assert res.returncode == 2 and "needs an image-text model" in res.stderr
     assert len(_error_lines(res)) == 1

@@ -20,13 +20,13 @@ FIXED_BATCH_WORKER = Path(__file__).with_name("fixed_batch_worker.py")
 
 @pytest.mark.dist
 @pytest.mark.parametrize("variant", ["clip_trained", "clip_lit"])
-def test_two_ranks_train_and_export(tmp_path, builtin_data, locked_export, repo_root, variant):
+def test_two_ranks_train_and_export(tmp_path, builtin_data, tiny_export, repo_root, variant):
     if variant == "clip_trained":
         config = clip_yaml(tmp_path, builtin_data / "shards" / "mnist", TRAINED_TOWER,
                            "loss: {kind: clip}")
     else:
         config = clip_yaml(tmp_path, builtin_data / "shards" / "mnist",
-                           f"{{locked: {locked_export}, trainable_blocks: 1}}")
+                           f"{{locked: {tiny_export}, trainable_blocks: 1}}")
     python_path = os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",

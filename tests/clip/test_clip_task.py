@@ -45,9 +45,9 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def test_lit_locked_backbone_is_not_saved_and_resume_is_exact(tmp_path, builtin_data,
-                                                              locked_export, monkeypatch):
+                                                              tiny_export, monkeypatch):
     config = clip_yaml(tmp_path, builtin_data / "shards" / "mnist",
-                       f"{{locked: {locked_export}, trainable_blocks: 1}}")
+                       f"{{locked: {tiny_export}, trainable_blocks: 1}}")
     straight = run_train(load_task_config(config), tmp_path / "straight")
     assert straight["status"] == "finished" and straight["step"] == 6
     cfg = load_config(ClipRunConfig, config, ["task=clip_preempted_once"])
@@ -69,7 +69,7 @@ def test_lit_locked_backbone_is_not_saved_and_resume_is_exact(tmp_path, builtin_
     b = load_file(str(tmp_path / "resumed" / "export" / "clip" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the export is self-contained: the frozen backbone inside it is the original, unchanged
-    original = load_file(str(locked_export / "model.safetensors"))
+    original = load_file(str(tiny_export / "model.safetensors"))
     for k, v in original.items():
         assert torch.equal(a[LOCKED_PREFIX + k], v), k
     model = load(tmp_path / "straight")

@@ -1,4 +1,5 @@
-"""Fixtures of the evaluation tests: a tiny exported backbone and small real image folders."""
+"""Fixtures of the evaluation tests: small real image folders (the tiny exported backbone,
+``tiny_export``, is shared: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An exported 2-block ViT (28 px, patch 14: 4 patch tokens) with random weights."""
-    import torch
-
-    from dinosys.export import save_native
-    from dinosys.models import create_backbone
-
-    torch.manual_seed(0)
-    model = create_backbone("vit_tiny", img_size=28, patch_size=14, embed_dim=32, depth=2,
-                            num_heads=2, layerscale_init=None)
-    out = tmp_path_factory.mktemp("eval-model") / "model"
-    save_native(model.eval(), out)
-    return out
 
 
 def copy_subset(src: Path, dst: Path, per_class: int, classes: list[str]) -> Path:
