@@ -15,6 +15,7 @@ __all__ = ["EXPORTERS", "MODEL_TYPES", "load", "register_exporter", "register_mo
            "save_native"]
 
 from dinosys.export import (
+           clip_image,  # noqa: E402, F401  (timm/hf/onnx of a clip image tower)
            clip_model,  # noqa: E402, F401  (the clip model type + open_clip)
            exporter,  # noqa: E402, F401  (registers the backbone formats)
 )

@@ -109,6 +109,19 @@ def clip_card(config: dict, card: dict | None, formats: list[str] | None) -> str
                   "'local-dir:THIS_DIR/open_clip')",
                   "tokenizer = open_clip.get_tokenizer('local-dir:THIS_DIR/open_clip')", "```",
                   ""]
+    formats = formats or []
+    if "timm" in formats:
+        lines += ["timm (the image tower, the projection as its head): "
+                  "`timm.create_model('local-dir:THIS_DIR/timm', pretrained=True)`; "
+                  "`F.normalize(model(x), dim=-1)` is the image embedding.", ""]
+    if "hf" in formats:
+        lines += ["Hugging Face (the image tower): `AutoModel.from_pretrained('THIS_DIR/hf')` "
+                  "plus the projection `hf/image_projection.safetensors` (`weight`), applied as "
+                  "`hf/image_projection.json` says: normalize(pool(last_hidden_state) @ "
+                  "weight.T).", ""]
+    if "onnx" in formats:
+        lines += ["ONNX (the image tower): `onnx/model.onnx`, input `pixel_values` (N, 3, "
+                  f"{bb['img_size']}, {bb['img_size']}), output `image_embeds` (normalised).", ""]
     lines += [f"- {k}: {v}" for k, v in card.items()]
     return "\n".join(lines) + "\n"
 

@@ -57,12 +57,15 @@ def _scale(ref: dict) -> float:
                      float(ref["x_norm_patchtokens"].abs().max()))
 
 
-def write_timm(backbone: nn.Module, out: Path, config: dict) -> None:
+def write_timm(backbone: nn.Module, out: Path, config: dict, head: nn.Linear | None = None
+               ) -> None:
     """``out/timm``: weights in timm's layout and a timm ``config.json``.
 
     The timm model the weights are converted into is itself built from the written config
     (``local-dir:``, not pretrained), so the file holds exactly the keys that a user's load
-    expects, with or without LayerScale, registers or SwiGLU.
+    expects, with or without LayerScale, registers or SwiGLU. With ``head`` (a linear map of
+    the normalised class token, e.g. a CLIP image projection) timm's classifier head is that
+    map (``num_classes`` = its outputs, a zero bias when it has none): ``model(x)`` applies it.
     """
     from dinosys.export.compat import import_timm
 
@@ -71,10 +74,12 @@ def write_timm(backbone: nn.Module, out: Path, config: dict) -> None:
     except ImportError as exc:
         raise UserError("export format 'timm' needs timm (pip install 'dinosys[export]')") from exc
     name, args = convert.timm_model_spec(backbone.cfg)
+    num_classes = 0 if head is None else head.out_features
+    args["num_classes"] = num_classes
     size = backbone.cfg.img_size
     timm_cfg = {
         "architecture": name,
-        "num_classes": 0,
+        "num_classes": num_classes,
         "num_features": backbone.embed_dim,
         "global_pool": "token",
         "model_args": args,
@@ -85,16 +90,25 @@ def write_timm(backbone: nn.Module, out: Path, config: dict) -> None:
             "crop_mode": "center",
             "mean": config["normalization"]["mean"],
             "std": config["normalization"]["std"],
-            "num_classes": 0,
+            "num_classes": num_classes,
             "first_conv": "patch_embed.proj",
             "license": "apache-2.0",
         },
     }
+    if head is not None:
+        timm_cfg["pretrained_cfg"]["classifier"] = "head"
     sub = out / "timm"
     sub.mkdir()
     (sub / "config.json").write_text(json.dumps(timm_cfg, indent=2) + "\n")
     skeleton = timm.create_model(f"local-dir:{sub}", pretrained=False)
-    convert.load_into_timm(backbone.state_dict(), skeleton)
+    if head is None:
+        convert.load_into_timm(backbone.state_dict(), skeleton)
+    else:
+        state = convert.to_timm_state_dict(backbone.state_dict(), skeleton)
+        state["head.weight"] = head.weight.detach().clone()
+        state["head.bias"] = (head.bias.detach().clone() if head.bias is not None
+                              else torch.zeros(head.out_features))
+        convert.load_state_dict_strict(skeleton, state, "timm model")
     state = {k: v.detach().contiguous() for k, v in skeleton.state_dict().items()}
     save_file(state, str(sub / "model.safetensors"), metadata={"format": "pt"})
 
@@ -194,19 +208,21 @@ def write_onnx(backbone: nn.Module, out: Path, config: dict) -> None:
     sub.mkdir()
     model = copy.deepcopy(backbone).eval()
     model.set_attn_backend("math")  # plain matmul/softmax: exports on every opset and runtime
-    wrapper = _OnnxFeatures(model)
     x, _ = _probe(backbone)
-    path = sub / "model.onnx"
+    export_onnx(_OnnxFeatures(model), x, sub / "model.onnx", ["cls_token", "patch_tokens"])
+
+
+def export_onnx(module: nn.Module, x: torch.Tensor, path: Path, outputs: list[str]) -> None:
+    """Trace ``module`` on ``x`` into ``path``: input ``pixel_values``, the named outputs, all
+    with a dynamic batch axis (opset ``ONNX_OPSET``)."""
+    axes = {name: {0: "batch"} for name in ["pixel_values", *outputs]}
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # shape-dependent Python branches are constant at the exported size: expected
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            torch.onnx.export(
-                wrapper, (x,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                input_names=["pixel_values"], output_names=["cls_token", "patch_tokens"],
-                dynamic_axes={"pixel_values": {0: "batch"}, "cls_token": {0: "batch"},
-                              "patch_tokens": {0: "batch"}},
-            )
+            torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["pixel_values"], output_names=outputs,
+                              dynamic_axes=axes)
     except ImportError as exc:
         raise UserError(f"export format 'onnx' needs the onnx package ({exc}); "
                         "pip install 'dinosys[export]'") from exc

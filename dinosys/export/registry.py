@@ -6,8 +6,8 @@ from that, and its README model card. ``EXPORTERS``: format -> the model types i
 to write it into the export directory and how to check what was written (load it back with the
 target library and compare features). ``native`` (safetensors + config.json + README.md) is
 always written and supports every model type. A new model (e.g. CLIP) registers its model type
-and the formats it supports (e.g. ``open_clip``) with :func:`register_model_type` /
-:func:`register_exporter`.
+and the formats it supports (e.g. ``open_clip``, or its own writer for an existing format such
+as ``onnx``) with :func:`register_model_type` / :func:`register_exporter`.
 """
 
 from __future__ import annotations
@@ -59,11 +59,31 @@ def register_model_type(model_type: ModelType) -> ModelType:
 
 
 def register_exporter(exporter: Exporter) -> Exporter:
-    """Add an export format (its name must be new)."""
-    if exporter.format in EXPORTERS:
-        raise ValueError(f"export format {exporter.format!r} is already registered")
-    EXPORTERS[exporter.format] = exporter
+    """Add an export format, or more model types to a registered one (e.g. ``onnx`` for
+    ``clip`` beside ``vit_backbone``): the format's entry then writes and checks each model
+    with the exporter registered for its model type. A (format, model type) pair is registered
+    once."""
+    old = EXPORTERS.get(exporter.format)
+    if old is None:
+        EXPORTERS[exporter.format] = exporter
+        return exporter
+    both = sorted(set(old.model_types) & set(exporter.model_types))
+    if both:
+        raise ValueError(f"export format {exporter.format!r} is already registered for "
+                         f"model type(s) {both}")
+    EXPORTERS[exporter.format] = _by_model_type(old, exporter)
     return exporter
+
+
+def _by_model_type(first: Exporter, second: Exporter) -> Exporter:
+    """One format's entry that hands each model to ``first`` or ``second`` by model type."""
+
+    def pick(model: nn.Module) -> Exporter:
+        return second if model_type_of(model) in second.model_types else first
+
+    return Exporter(first.format, first.model_types + second.model_types,
+                    write=lambda model, out, config: pick(model).write(model, out, config),
+                    check=lambda model, out, config: pick(model).check(model, out, config))
 
 
 def model_type_of(model: nn.Module) -> str:
