@@ -18,6 +18,10 @@ from dinosys.errors import UserError
 log = logging.getLogger(__name__)
 
 BUILTIN_COPY_DETECTOR = "builtin:copy_detector"  # the small detector shipped in curation/assets
+# centred grey pixels at embed.img_size: the near-duplicate embedding of small images whose
+# natural neighbours are closer than any learned copy embedding separates (MNIST digits: two
+# writers' "1"s reach cosine 0.98, a JPEG or noise re-encoding of one image stays above 0.986)
+BUILTIN_PIXELS = "builtin:pixels"
 
 
 @dataclass
@@ -25,7 +29,7 @@ class FeatureModel:
     """A backbone plus how to turn its outputs into one embedding per image."""
 
     model: nn.Module
-    kind: str  # "dinosys" or "timm"
+    kind: str  # "dinosys", "timm" or "pixels"
     mean: list[float]
     std: list[float]
     patch_size: int
@@ -57,7 +61,11 @@ def _exported_norm(path: Path) -> tuple[list[float], list[float]] | None:
 def load_feature_model(spec: str, mean: list[float] | None = None,
                        std: list[float] | None = None) -> FeatureModel:
     """Load ``spec``: a dinosys run/export/checkpoint directory, ``timm:<name>``, or
-    ``builtin:copy_detector`` (the copy-detection ViT that ships with dinosys)."""
+    ``builtin:copy_detector`` (the copy-detection ViT that ships with dinosys) or
+    ``builtin:pixels`` (centred grey pixels, no model)."""
+    if spec == BUILTIN_PIXELS:
+        return FeatureModel(nn.Identity(), "pixels", list(mean or IMAGENET_MEAN),
+                            list(std or IMAGENET_STD), 1, 0)
     if spec.startswith("timm:"):
         from dinosys.export.compat import import_timm
 
@@ -80,7 +88,7 @@ def load_feature_model(spec: str, mean: list[float] | None = None,
     path = Path(spec)
     if not path.exists():
         raise UserError(f"embedding model not found: '{spec}' (a dinosys run/export directory, "
-                        f"timm:<name> or {BUILTIN_COPY_DETECTOR})")
+                        f"timm:<name>, {BUILTIN_COPY_DETECTOR} or {BUILTIN_PIXELS})")
     from dinosys.export import load
 
     model = load(path).eval()
@@ -108,6 +116,9 @@ def extract(fm: FeatureModel, images: torch.Tensor, features: str, n_layers: int
     concatenated, so every layer weighs the same in the cosine similarity.
     """
     parts: list[torch.Tensor] = []
+    if fm.kind == "pixels":  # per-channel affine normalisation leaves the centred grey image's
+        grey = images.float().mean(dim=1).flatten(1)  # direction unchanged
+        return F.normalize(grey - grey.mean(dim=1, keepdim=True), dim=-1)
     if fm.kind == "dinosys":
         if n_layers == 1:
             out = fm.model(images)

@@ -32,8 +32,9 @@ class SourceConfig:
 class EmbedConfig:
     """Feature extraction with a backbone."""
 
-    # dinosys run/export/checkpoint directory, "timm:<model name>", or "builtin:copy_detector"
+    # dinosys run/export/checkpoint directory, "timm:<model name>", "builtin:copy_detector"
     # (the small copy-detection ViT shipped in curation/assets, trained by curation.copy_train)
+    # or "builtin:pixels" (centred grey pixels: near-duplicates of tiny images such as MNIST)
     model: str = MISSING
     features: str = "cls_avgpool"  # cls, avgpool, cls_avgpool
     n_layers: int = 1  # concatenate the features of the last n blocks (get_intermediate_layers)

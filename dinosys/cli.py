@@ -108,11 +108,66 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dinosys.demo import run_demo
+    from dinosys.demo import check_lines, run_demo
+    from dinosys.factory.runner import format_table
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     summary = run_demo(Path(args.out) if args.out else default_run_dir("demo"),
-                       data_dir=Path(args.data))
+                       data_dir=Path(args.data), overrides=args.overrides)
+    for line in [*format_table(summary), *check_lines(summary)]:
+        print(line)
     print_json(summary)
+    return 0
+
+
+def _parse_part(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--part '{text}' must look like i/n (e.g. 0/4)") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--part '{text}': need 0 <= i < n")
+    return i, n
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from dinosys.factory.runner import format_table, load_pipeline, run_pipeline
+    from dinosys.factory.stages import plan
+
+    cfg = load_pipeline(args.config, args.overrides)
+    if args.plan:
+        stages = plan(cfg)
+        for row in stages:
+            print(f"{row['stage']:<11} after {','.join(row['inputs']) or '-':<40} "
+                  f"{row['resources']}")
+        print_json({"pipeline": cfg.name, "stages": stages})
+        return 0
+    out = args.out or cfg.out
+    if out is None:
+        from dinosys.distributed.env import detect_layout
+
+        if detect_layout()[2] > 1:
+            raise UserError("a multi-rank stage needs --out DIR (the pipeline directory)")
+        out = default_run_dir(cfg.name)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    summary = run_pipeline(cfg, Path(out), args.stage, _parse_part(args.part))
+    if "stages" in summary:
+        for line in format_table(summary):
+            print(line)
+    print_json(summary)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from dinosys.factory.provenance import format_info, info_summary
+
+    info = info_summary(args.model)
+    if not args.json:
+        for line in format_info(info):
+            print(line)
+    print_json(info)
     return 0
 
 
@@ -223,10 +278,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the keys whose value differs from the schema default (default: off)")
     c.set_defaults(func=_cmd_config_show)
 
-    p = sub.add_parser("demo", help="the main job on the embedded data: build, train, evaluate")
-    p.add_argument("--out", help="run directory (default: a new folder under runs/)")
+    p = sub.add_parser("demo", help="the whole factory on the embedded data "
+                       "(configs/pipeline/demo.yaml): pool -> curate -> pretrain -> distill, "
+                       "text_align -> evaluate -> export")
+    p.add_argument("--out", help="pipeline directory (default: a new folder under runs/)")
     p.add_argument("--data", default="data/builtin", help="where the embedded data is built")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of configs/pipeline/demo.yaml")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("pipeline", help="the factory as stages: all in order (complete ones "
+                       "skipped), or one with --stage (a Slurm job)")
+    p.add_argument("config", help="YAML path or a name under configs/pipeline/ (e.g. demo)")
+    p.add_argument("--out", help="pipeline directory (default: the config's `out`, else a new "
+                   "folder under runs/)")
+    p.add_argument("--stage", help="run only this stage (its inputs must be complete): pool, "
+                   "curate, pretrain, distill, text_align, evaluate, export")
+    p.add_argument("--part", help="with --stage curate: this array task's part i/n (all n run "
+                   "at once; part 0 merges and records the stage)")
+    p.add_argument("--plan", action="store_true", help="print the enabled stages with their "
+                   "inputs and resources, run nothing")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("info", help="an exported model: architecture, provenance chain "
+                       "(curation manifest, training run, teacher), evaluation results")
+    p.add_argument("model", help="an exported model directory or a run directory")
+    p.add_argument("--json", action="store_true", help="only the JSON line")
+    p.set_defaults(func=_cmd_info)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""`dinosys demo` end to end at a tiny size (the full recipe runs for minutes)."""
+"""`dinosys demo`: the whole factory on the embedded data (configs/pipeline/demo.yaml), with its
+targets. Runs for minutes (the tiny chain with the same stages: tests/factory/test_chain.py)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from dinosys.demo import run_demo
-
-TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "heads.n_prototypes=64",
-        "heads.hidden_dim=64", "heads.bottleneck_dim=16", "data.batch_size_per_gpu=8",
-        "data.num_workers=0", "max_steps=3", "log.progress=false", "eval.knn_every_n_steps=0"]
+from dinosys.cli import main
 
 
 @pytest.mark.slow
-def test_demo_trains_and_evaluates(builtin_data: Path, tmp_path: Path) -> None:
-    summary = run_demo(tmp_path / "run", builtin_data, overrides=TINY)
-    assert summary["status"] == "finished" and summary["steps"] == 3
-    assert summary["n_train"] == 4000 and summary["n_val"] == 1000
-    for key in ("knn_top1", "knn_top1_random_init"):
-        assert set(summary[key]) == {"10", "20"}
-        assert all(0.0 <= v <= 1.0 for v in summary[key].values())
-    written = json.loads((tmp_path / "run" / "demo_summary.json").read_text())
-    assert written == summary
-    assert (tmp_path / "run" / "export" / "teacher" / "model.safetensors").is_file()
+def test_demo_meets_its_targets(builtin_data: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--data", str(builtin_data)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert set(summary["checks"]) >= {"teacher kNN top-1", "student small kNN top-1",
+                                      "zero-shot top-1", "planted val copies kept",
+                                      "planted near-duplicates removed"}
+    missed = {k: v for k, v in summary["checks"].items() if not v["ok"]}
+    assert not missed, missed
+    assert "stage" in printed and "pretrain" in printed
+    for name in ("teacher", "small", "text"):
+        assert json.loads((out / "export" / name / "config.json").read_text())["provenance"]

@@ -1,7 +1,8 @@
 """``dinosys eval suite``: a YAML list of evaluations run on one model, written beside it.
 
 A suite file is a list of entries ``{name, evaluator, <that evaluator's options>}``; ``{builtin}``
-in a value is the embedded-data folder (``--data``), built there when missing. Every entry is
+in a value is the embedded-data folder (``--data``), built there when missing, and ``{configs}``
+the configs/ folder. Every entry is
 validated before the first one runs. The results go to ``eval/results.json`` of the model (an
 exported directory, or a run directory) and, when there is an export, into its model card
 (README.md) as a table with the command that reproduces each number.
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SUITE = "default_suite"
 BUILTIN = "{builtin}"
+CONFIGS = "{configs}"  # the configs/ folder (e.g. a templates file shipped beside the recipes)
 CARD_BEGIN = "<!-- dinosys eval suite: begin -->"
 CARD_END = "<!-- dinosys eval suite: end -->"
 
@@ -68,8 +70,10 @@ def _suite_file(suite: str) -> Path:
 
 
 def _substitute(value: Any, data: Path) -> Any:
+    from dinosys.config import config_dir
+
     if isinstance(value, str):
-        return value.replace(BUILTIN, str(data))
+        return value.replace(BUILTIN, str(data)).replace(CONFIGS, str(config_dir()))
     if isinstance(value, list):
         return [_substitute(v, data) for v in value]
     return value

@@ -18,7 +18,7 @@ from torch import nn
 from dinosys.config import ConfigError
 from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.errors import UserError
-from dinosys.export.native import FORMAT_NAMES, FORMAT_VERSION
+from dinosys.export.native import FORMAT_NAMES, FORMAT_VERSION, provenance_markdown
 from dinosys.export.open_clip import unsupported_reason, verify_open_clip, write_open_clip
 from dinosys.export.registry import Exporter, ModelType, register_exporter, register_model_type
 from dinosys.models.clip import CLIPModel, ClipModelConfig, ImageTowerConfig
@@ -122,7 +122,10 @@ def clip_card(config: dict, card: dict | None, formats: list[str] | None) -> str
     if "onnx" in formats:
         lines += ["ONNX (the image tower): `onnx/model.onnx`, input `pixel_values` (N, 3, "
                   f"{bb['img_size']}, {bb['img_size']}), output `image_embeds` (normalised).", ""]
+    provenance = card.pop("provenance", None)
     lines += [f"- {k}: {v}" for k, v in card.items()]
+    if provenance:
+        lines += ["", "## Provenance", "", provenance_markdown(provenance)]
     return "\n".join(lines) + "\n"
 
 

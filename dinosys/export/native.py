@@ -29,6 +29,8 @@ def write_native(model: nn.Module, out_dir: Path, card: dict | None = None,
     """Write the native files into an existing directory (no atomicity); returns the config."""
     model_type = MODEL_TYPES[model_type_of(model)]
     config = model_type.describe(model, card or {})
+    if card and card.get("provenance"):  # the factory's chain: manifest, run, teacher, eval
+        config["provenance"] = card["provenance"]
     # a model may hold weights outside its state_dict (a frozen backbone that checkpoints skip):
     # ``export_state_dict()`` gives every weight the export needs
     weights = getattr(model, "export_state_dict", model.state_dict)()
@@ -49,3 +51,36 @@ def save_native(model: nn.Module, out_dir: Path, card: dict | None = None) -> Pa
     with atomic_directory(out_dir) as tmp:
         write_native(model, tmp, card)
     return out_dir
+
+
+def provenance_markdown(chain: dict) -> str:
+    """The model card's "Provenance" section for a ``provenance`` chain (``dinosys pipeline``):
+    pipeline, curation manifest and counts, training run, teacher, evaluation results."""
+    rows = []
+    pipe = chain.get("pipeline")
+    if pipe:
+        rows.append(("pipeline", f"`{pipe.get('name')}` in `{pipe.get('dir')}` (config sha256 "
+                                 f"`{pipe.get('config_sha256')}`)"))
+    cur = chain.get("curation")
+    if cur:
+        rows.append(("curation manifest", f"`{cur.get('manifest')}` (sha256 "
+                                          f"`{cur.get('manifest_sha256')}`)"))
+        rows.append(("curation counts", f"kept {cur.get('kept')} of {cur.get('pool')}; removed "
+                     f"{cur.get('removed_near_duplicates')} near-duplicates, "
+                     f"{cur.get('removed_contamination')} eval contamination, "
+                     f"{cur.get('removed_exact_duplicates')} exact duplicates"))
+    train = chain.get("training")
+    if train:
+        rows.append(("training run", f"{train.get('stage')} `{train.get('recipe')}` in "
+                     f"`{train.get('run_dir')}`, {train.get('steps')} steps (config sha256 "
+                     f"`{train.get('config_sha256')}`)"))
+    teacher = chain.get("teacher")
+    if teacher:
+        rows.append(("teacher", f"`{teacher.get('path')}` (weights sha256 "
+                                f"`{teacher.get('sha256')}`)"))
+    for metric, value in sorted((chain.get("evaluation") or {}).items()):
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        rows.append((f"evaluation {metric}", shown))
+    lines = ["| link | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+             "`dinosys info THIS_DIR` prints this chain (`--json`: as config.json holds it)."]
+    return "\n".join(lines)

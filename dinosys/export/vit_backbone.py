@@ -17,7 +17,7 @@ from torch import nn
 from dinosys.config import ConfigError
 from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.errors import UserError
-from dinosys.export.native import FORMAT_NAMES, FORMAT_VERSION
+from dinosys.export.native import FORMAT_NAMES, FORMAT_VERSION, provenance_markdown
 from dinosys.export.registry import ModelType, register_model_type
 from dinosys.models.vit import BackboneConfig, DinoVisionTransformer, backbone_from_config
 
@@ -99,6 +99,8 @@ def backbone_card(config: dict, card: dict | None = None, formats: list[str] | N
     for section in ("data", "recipe", "evaluation"):
         if section in card:
             lines += ["", f"## {section.capitalize()}", "", _as_markdown(card.pop(section))]
+    if card.get("provenance"):
+        lines += ["", "## Provenance", "", provenance_markdown(card.pop("provenance"))]
     card.pop("mean", None)
     card.pop("std", None)
     if card:

@@ -1,0 +1,104 @@
+"""`dinosys pipeline`: stage order, completion records (skip, refuse a changed stage), one stage
+at a time, a killed stage resuming from its checkpoint, bad configs in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dinosys.cli import main
+from dinosys.factory.record import read_record
+from dinosys.factory.runner import load_pipeline, run_pipeline
+from dinosys.factory.stages import plan
+from tests.factory.conftest import write_mini
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_pipelines_plan_each_stage_after_its_inputs() -> None:
+    demo = plan(load_pipeline("demo"))
+    order = [row["stage"] for row in demo]
+    assert order == ["pool", "curate", "pretrain", "distill", "text_align", "evaluate", "export"]
+    for i, row in enumerate(demo):
+        assert set(row["inputs"]) <= set(order[:i])
+    assert demo[2]["collective"] and not demo[1]["collective"]
+    cluster = {row["stage"]: row for row in plan(load_pipeline("vitg14_factory"))}
+    assert "pool" not in cluster and cluster["curate"]["inputs"] == []
+    assert cluster["curate"]["resources"]["parts"] > 1
+    assert cluster["pretrain"]["resources"]["gpus_per_node"] == 8
+
+
+@pytest.mark.parametrize("override, words", [
+    ("pretrain.recipee=x", "did you mean 'pretrain.recipe'"),
+    ("pretrain.recipe=null", "stage pretrain is enabled but names no recipe"),
+    ("pool.kind=lots", "pool.kind"),
+    ("pretrain.resources.nodes=0", "resources.nodes"),
+])
+def test_bad_config_is_one_line_exit_2(override: str, words: str,
+                                       capsys: pytest.CaptureFixture) -> None:
+    assert main(["pipeline", "demo", "--plan", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
+
+
+def test_rerun_skips_complete_stages_and_refuses_a_changed_one(
+        mini_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "pipe"
+    first = run_pipeline(load_pipeline(str(mini_config)), out)
+    assert {k: v["status"] for k, v in first["stages"].items()} == {"pretrain": "ran",
+                                                                    "export": "ran"}
+    record = read_record(out, "pretrain")
+    assert record["steps"] == 4 and Path(record["export"], "model.safetensors").is_file()
+    weights = out / "export" / "teacher" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = run_pipeline(load_pipeline(str(mini_config)), out)
+    assert {v["status"] for v in again["stages"].values()} == {"skipped"}
+    assert weights.stat().st_mtime_ns == stamp
+    assert json.loads((out / "summary.json").read_text())["stages"]["pretrain"][
+        "recorded_seconds"] == record["seconds"]
+    # a stage asked for alone needs its inputs complete; the changed stage is refused
+    assert main(["pipeline", str(mini_config), "--out", str(tmp_path / "new"), "--stage",
+                 "export"]) == 2
+    assert "needs stage pretrain complete" in capsys.readouterr().err
+    rc = main(["pipeline", str(mini_config), "--out", str(out), "--stage", "pretrain",
+               "pretrain.resources.timeout_min=5"])  # resources are not part of the digest
+    assert rc == 0 and '"status": "skipped"' in capsys.readouterr().out
+    changed = write_mini(tmp_path / "changed.yaml", Path(load_pipeline(str(mini_config)).data),
+                         steps=5)
+    assert main(["pipeline", str(changed), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "stage pretrain" in err and "another configuration" in err
+
+
+def test_a_killed_training_stage_resumes_from_its_checkpoint(builtin_data: Path,
+                                                             tmp_path: Path) -> None:
+    config = write_mini(tmp_path / "mini.yaml", builtin_data, steps=30, every=5)
+    out = tmp_path / "pipe"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "dinosys.cli", "pipeline", str(config), "--out", str(out)]
+    proc = subprocess.Popen([*cmd, "--stage", "pretrain"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = out / "pretrain" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.is_file() and "00010" in latest.read_text()):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.is_file(), "no checkpoint within 120 s"
+    assert read_record(out, "pretrain") is None
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from step" in done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "finished"
+    assert read_record(out, "pretrain")["steps"] == 30
+    steps = [json.loads(line)["step"] for line in
+             (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 30 and len(steps) == len(set(steps))  # every step logged once
