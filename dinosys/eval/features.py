@@ -141,13 +141,14 @@ def check_features(module: nn.Module, kinds: Sequence[str], needed_by: str) -> N
 
 
 def progress_bar(total: int, desc: str | None, unit: str) -> Any:
-    """A tqdm bar on rank 0 (``desc`` None: none). Its other settings stay tqdm's, so
-    ``TQDM_DISABLE`` and friends apply."""
-    from tqdm import tqdm
+    """Progress of an extraction or of head training on rank 0 (``desc`` None: none): a tqdm
+    bar on a terminal, a plain line every ``DINOSYS_PROGRESS_EVERY_S`` seconds and one at the
+    end in a log file (:func:`dinosys.progress.progress_bar`)."""
+    from dinosys.progress import progress_bar as bar
 
     if desc is None or shard_layout()[0] != 0:
-        return tqdm(total=total, disable=True)
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)
+        return bar(total=total, disable=True)
+    return bar(total=total, desc=desc, unit=unit, leave=False)
 
 
 def shard_layout() -> tuple[int, int]:

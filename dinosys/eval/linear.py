@@ -4,9 +4,11 @@ Inputs: the class tokens of the last 1 or 4 blocks, each with or without the ave
 patch tokens of the last block. One linear head per (learning rate, input variant) — 13 x 4 = 52
 by default — is trained on the same mini-batches from one feature extraction (per epoch when
 augmenting, else once and cached): SGD with momentum 0.9, no weight decay, cosine schedule to 0,
-learning rates scaled by batch / 256. The head with the best top-1 on a held-out part of the
-training folder (stratified, ``holdout`` of each class; ties broken by its cross-entropy) is the
-result, reported on the val folder; the whole grid is in the JSON. Deterministic for a seed. In
+learning rates scaled by batch / 256. The grid trains on the training folder less a held-out
+part (stratified, ``holdout`` of each class) that picks the head: by its cross-entropy there
+(``select="loss"``, ties by top-1) or its top-1 (ties by cross-entropy). The picked
+(learning rate, variant) is retrained on the whole training folder (``refit``) and reported on
+the val folder; the whole grid is in the JSON. Deterministic for a seed. In
 a distributed job the extraction is sharded over the ranks and every rank trains the same heads
 on the gathered features, so any number of ranks gives the result of one.
 """
@@ -24,12 +26,19 @@ from dinosys.errors import UserError
 from dinosys.eval.augment import random_resized_crop_flip
 from dinosys.eval.features import FEATURES, extract_features, progress_bar
 from dinosys.eval.images import ImageSet, load_class_folders
-from dinosys.eval.linear_grid import LinearGrid, Variant, minibatches, stratified_split
+from dinosys.eval.linear_grid import (
+    LinearGrid,
+    Variant,
+    minibatches,
+    step_threads,
+    stratified_split,
+)
 from dinosys.eval.models import EvalModel, frozen
 from dinosys.eval.registry import register_evaluator
 
 log = logging.getLogger(__name__)
 
+SELECT = ("top1", "loss")
 DINOV2_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
 
 
@@ -54,6 +63,12 @@ class LinearConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay"})
     holdout: float = field(default=0.1, metadata={
         "help": "fraction of each training class held out to pick the best head"})
+    select: str = field(default="loss", metadata={
+        "help": "how the held-out part picks the head: loss (its cross-entropy; ties: top-1) "
+                "or top1 (ties: loss)"})
+    refit: bool = field(default=True, metadata={
+        "help": "retrain the picked head (lr, variant) on the whole training folder before "
+                "reporting it on val"})
     augment: bool = field(default=False, metadata={
         "help": "random-resized-crop + flip training images (features re-extracted every "
                 "epoch); off: features extracted once and cached"})
@@ -74,6 +89,8 @@ class LinearConfig:
                                 f"{getattr(self, name)}")
         if self.epoch_length < 0:
             raise UserError(f"--epoch-length must be >= 0, got {self.epoch_length}")
+        if self.select not in SELECT:
+            raise UserError(f"--select must be one of {', '.join(SELECT)}, got {self.select!r}")
         if not 0 < self.holdout < 1:
             raise UserError(f"--holdout must be between 0 and 1 (exclusive), got {self.holdout}")
 
@@ -121,42 +138,87 @@ def _grid_table(grid: LinearGrid, cfg: LinearConfig, scale: float, held: dict, v
     return rows
 
 
+def _select_key(select: str) -> Callable[[dict], tuple]:
+    """Ranking of grid rows on the held-out part (largest first)."""
+    if select == "loss":  # the held-out cross-entropy; top-1 only breaks exact ties
+        return lambda r: (-r["holdout_loss"], r["holdout_top1"])
+    # a small held-out part ties often on accuracy (one image is 1/n): its loss breaks ties
+    return lambda r: (r["holdout_top1"], -r["holdout_loss"])
+
+
+def train_heads(grid: LinearGrid, cfg: LinearConfig,
+                train_feats: Callable[[int], dict[str, torch.Tensor]], labels: torch.Tensor,
+                rows: torch.Tensor, desc: str) -> None:
+    """``cfg.epochs`` epochs of ``grid`` on the training samples ``rows`` of
+    ``train_feats(epoch)`` / ``labels``: a progress bar and about ten log lines."""
+    steps_per_epoch = cfg.epoch_length or -(-len(rows) // cfg.batch_size)
+    batches = minibatches(len(rows), cfg.batch_size, cfg.seed)
+    log_every = max(1, cfg.epochs // 10)
+    with step_threads(grid.step_flops(cfg.batch_size)) as threads:
+        log.info("%s: %d head(s), %d epochs x %d steps, %d samples, %d intra-op thread(s)", desc,
+                 len(grid.variants) * len(grid.lrs), cfg.epochs, steps_per_epoch, len(rows),
+                 threads)
+        bar = progress_bar(cfg.epochs * steps_per_epoch, desc, "step")
+        t0 = time.perf_counter()
+        for epoch in range(cfg.epochs):
+            inputs = grid.inputs(train_feats(epoch))
+            epoch_losses = []
+            for _ in range(steps_per_epoch):
+                epoch_losses.append(grid.step(inputs, labels, rows[next(batches)]))
+                bar.update(1)
+            if (epoch + 1) % log_every == 0 or epoch + 1 == cfg.epochs:
+                losses = torch.stack(epoch_losses).mean(dim=0)  # (variants, lrs)
+                v, lr = divmod(int(losses.argmin()), len(grid.lrs))
+                log.info("%s: epoch %d/%d, lr x%.3f, best train loss %.4f (%s, lr %g), mean "
+                         "%.4f, %.1f s", desc, epoch + 1, cfg.epochs, grid.lr_factor(),
+                         float(losses.min()), grid.variants[v].name, float(grid.lrs[lr]),
+                         float(losses.mean()), time.perf_counter() - t0)
+        bar.close()
+
+
 def fit_grid(cfg: LinearConfig, train_feats: Callable[[int], dict[str, torch.Tensor]],
-             train_labels: torch.Tensor, held: tuple[dict[str, torch.Tensor], torch.Tensor],
+             train_labels: torch.Tensor, kept: torch.Tensor,
+             held: tuple[dict[str, torch.Tensor], torch.Tensor],
              val: tuple[dict[str, torch.Tensor], torch.Tensor], n_classes: int) -> dict:
-    """Train the grid of heads on ``train_feats(epoch)`` (the same dict every epoch when the
-    features are cached), pick the best head by top-1 on ``held`` and report it on ``val``
-    (each a (features, labels) pair). Returns ``metrics``, ``best`` and the whole ``grid``."""
-    steps_per_epoch = cfg.epoch_length or -(-len(train_labels) // cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    """Train the grid of heads on the samples ``kept`` of ``train_feats(epoch)`` (features of
+    the whole training folder; the same dict every epoch when cached), pick the best head on
+    ``held`` (by ``cfg.select``), retrain it on the whole training folder when ``cfg.refit``,
+    and report it on ``val`` (each a (features, labels) pair). Returns ``metrics``, ``best``,
+    ``refit`` and the whole ``grid``."""
     scale = cfg.batch_size / 256
     dim = int(held[0]["blocks_cls"].shape[-1])
-    grid = LinearGrid(cfg.variants, [lr * scale for lr in cfg.lrs], dim, n_classes, total,
-                      cfg.momentum, cfg.weight_decay, cfg.seed)
-    batches = minibatches(len(train_labels), cfg.batch_size, cfg.seed)
-    bar = progress_bar(total, "linear heads", "step")
-    for epoch in range(cfg.epochs):
-        t_epoch = time.perf_counter()
-        feats = train_feats(epoch)
-        epoch_losses = []
-        for _ in range(steps_per_epoch):
-            epoch_losses.append(grid.step(feats, train_labels, next(batches)))
-            bar.update(1)
-        losses = torch.stack(epoch_losses).mean(dim=0)  # (variants, lrs)
-        v, lr = divmod(int(losses.argmin()), len(cfg.lrs))
-        log.info("linear epoch %d/%d: %d steps, lr x%.3f, best loss %.4f (%s, lr %g), "
-                 "mean loss %.4f, %.1f s", epoch + 1, cfg.epochs, steps_per_epoch,
-                 grid.lr_factor(), float(losses.min()), grid.variants[v].name, cfg.lrs[lr],
-                 float(losses.mean()), time.perf_counter() - t_epoch)
-    bar.close()
+
+    def steps(n: int) -> int:
+        return cfg.epochs * (cfg.epoch_length or -(-n // cfg.batch_size))
+
+    grid = LinearGrid(cfg.variants, [lr * scale for lr in cfg.lrs], dim, n_classes,
+                      steps(len(kept)), cfg.momentum, cfg.weight_decay, cfg.seed)
+    train_heads(grid, cfg, train_feats, train_labels, kept, "linear heads")
     table = _grid_table(grid, cfg, scale, grid.accuracy(*held), grid.accuracy(*val))
-    # a small held-out part ties often on accuracy (one image is 1/n): its loss breaks ties
-    best = max(table, key=lambda r: (r["holdout_top1"], -r["holdout_loss"]))
-    metrics = {"top1": best["val_top1"], "holdout_top1": best["holdout_top1"]}
+    best = max(table, key=_select_key(cfg.select))
+    result = {"metrics": {"top1": best["val_top1"], "holdout_top1": best["holdout_top1"]},
+              "best": best, "grid": table, "steps": grid.total_steps, "feature_dim": dim}
+    reported = {"val_top1": best["val_top1"], "val_top5": best["val_top5"]}
+    if cfg.refit:
+        variant = Variant(best["n_blocks"], best["avgpool"])
+        everything = torch.arange(len(train_labels))
+        head = LinearGrid([variant], [best["lr_scaled"]], dim, n_classes, steps(len(everything)),
+                          cfg.momentum, cfg.weight_decay, cfg.seed)
+        train_heads(head, cfg, train_feats, train_labels, everything,
+                    f"linear refit ({variant.name}, lr {best['lr']:g})")
+        scores = head.accuracy(*val)
+        reported = {"val_top1": float(scores["top1"][0, 0]),
+                    "val_top5": float(scores["top5"][0, 0])}
+        result["refit"] = dict(reported, variant=variant.name, lr=best["lr"],
+                               steps=head.total_steps, n_train=len(everything))
+    result["metrics"]["top1"] = result["top1"] = reported["val_top1"]
     if n_classes > 5:
-        metrics["top5"] = best["val_top5"]
-    return {"metrics": metrics, "top1": best["val_top1"], "best": best, "grid": table,
-            "steps": total, "feature_dim": dim}
+        result["metrics"]["top5"] = reported["val_top5"]
+    return result
+
+
+def _rows(feats: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[index] for k, v in feats.items()}
 
 
 @register_evaluator("linear", LinearConfig, help="DINOv2 linear probe: a grid of lrs x feature "
@@ -164,13 +226,13 @@ def fit_grid(cfg: LinearConfig, train_feats: Callable[[int], dict[str, torch.Ten
 def run(model: EvalModel, cfg: LinearConfig) -> dict:
     """Linear-probe accuracy of ``model`` on ``cfg.train`` / ``cfg.val``."""
     t0 = time.perf_counter()
-    train_all, val_set = load_class_folders(model, cfg.train, cfg.val)
-    kept, held = stratified_split(train_all.labels, cfg.holdout, cfg.seed)
-    train_set, held_set = train_all.subset(kept.tolist()), train_all.subset(held.tolist())
+    train_set, val_set = load_class_folders(model, cfg.train, cfg.val)
+    kept, held = stratified_split(train_set.labels, cfg.holdout, cfg.seed)
     with frozen(model.module):
         cached = None if cfg.augment else _block_features(model, train_set, cfg,
                                                           "linear train features")
-        held_feats = _block_features(model, held_set, cfg, "linear holdout features")
+        held_feats = (_rows(cached, held) if cached is not None else _block_features(
+            model, train_set.subset(held.tolist()), cfg, "linear holdout features"))
         val_feats = _block_features(model, val_set, cfg, "linear val features")
         t_extract = time.perf_counter() - t0
 
@@ -180,14 +242,17 @@ def run(model: EvalModel, cfg: LinearConfig) -> dict:
             return _block_features(model, train_set, cfg,
                                    f"linear train features (epoch {epoch + 1})", epoch)
 
-        result = fit_grid(cfg, train_feats, train_set.labels, (held_feats, held_set.labels),
-                          (val_feats, val_set.labels), len(train_all.classes))
+        result = fit_grid(cfg, train_feats, train_set.labels, kept,
+                          (held_feats, train_set.labels[held]), (val_feats, val_set.labels),
+                          len(train_set.classes))
     best = result["best"]
-    result.update(n_train=len(train_set), n_holdout=len(held_set), n_val=len(val_set),
-                  n_classes=len(train_all.classes), model=model.name, train=str(cfg.train),
+    result.update(n_train=len(kept), n_holdout=len(held), n_val=len(val_set),
+                  n_classes=len(train_set.classes), model=model.name, train=str(cfg.train),
                   val=str(cfg.val), image_size=model.image_size,
                   extract_seconds=round(t_extract, 2),
                   seconds=round(time.perf_counter() - t0, 2))
-    log.info("linear top-1 %.4f on %d val images (best head %s, lr %g: held-out top-1 %.4f)",
-             best["val_top1"], len(val_set), best["variant"], best["lr"], best["holdout_top1"])
+    log.info("linear top-1 %.4f on %d val images (head %s, lr %g, picked by held-out %s: "
+             "top-1 %.4f, loss %.4f%s)", result["top1"], len(val_set), best["variant"],
+             best["lr"], cfg.select, best["holdout_top1"], best["holdout_loss"],
+             "; retrained on all of train" if cfg.refit else "")
     return result

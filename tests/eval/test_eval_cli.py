@@ -38,7 +38,11 @@ def test_linear_cli_prints_and_writes_the_result(tiny_export: Path, small_digits
     assert printed["grid"] == json.loads(out.read_text())["grid"]
     assert [r["variant"] for r in printed["grid"]] == ["blocks1_avgpool"] * 2
     assert printed["command"].startswith(f"dinosys eval linear --model {tiny_export} --train")
-    assert "--avgpool true" in printed["command"] and "linear epoch 2/2" in res.stderr
+    assert "--avgpool true" in printed["command"]
+    # a log, not a terminal: plain progress lines, no carriage-return bars
+    assert "linear heads: epoch 2/2" in res.stderr and "\r" not in res.stderr
+    assert "linear heads: 2/2 step (100%)" in res.stderr
+    assert "linear train features: 1/1 batch (100%)" in res.stderr
 
 
 def _one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:

@@ -25,7 +25,7 @@ def _eval(nproc: int, out: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.dist
 def test_two_ranks_equal_one(tiny_export: Path, small_digits, tmp_path: Path) -> None:
     train, val = small_digits
-    # 216 training images in batches of 50: 5 batches, so the ranks get 3 and 2
+    # 240 training images in batches of 50: 5 batches, so the ranks get 3 and 2
     args = ["linear", "--model", str(tiny_export), "--train", str(train), "--val", str(val),
             "--lrs", "0.01", "0.1", "--n-blocks", "1", "2", "--epochs", "3",
             "--extract-batch-size", "50"]

@@ -12,7 +12,7 @@ import torch
 from dinosys.errors import UserError
 from dinosys.eval.augment import random_resized_crop_flip
 from dinosys.eval.linear import LinearConfig, fit_grid
-from dinosys.eval.linear_grid import LinearGrid, Variant, stratified_split
+from dinosys.eval.linear_grid import LinearGrid, Variant, minibatches, stratified_split
 from dinosys.eval.registry import run_evaluator
 
 
@@ -35,10 +35,11 @@ def test_best_head_is_within_half_a_point_of_sklearn_logistic_regression() -> No
     from sklearn.linear_model import LogisticRegression
 
     train, y_train, val, y_val = _digits_features()
-    cfg = LinearConfig(train="", val="", n_blocks=[1], avgpool=[False], epochs=300)
+    cfg = LinearConfig(train="", val="", n_blocks=[1], avgpool=[False], epochs=300,
+                       refit=False)
     kept, held = stratified_split(y_train, cfg.holdout, cfg.seed)
     pick = lambda f, i: {k: v[i] for k, v in f.items()}  # noqa: E731
-    result = fit_grid(cfg, lambda epoch: pick(train, kept), y_train[kept],
+    result = fit_grid(cfg, lambda epoch: train, y_train, kept,
                       (pick(train, held), y_train[held]), (val, y_val), 10)
     x_fit, x_val = train["blocks_cls"][kept, 0].numpy(), val["blocks_cls"][:, 0].numpy()
     sk = max(LogisticRegression(C=c, max_iter=3000).fit(x_fit, y_train[kept].numpy())
@@ -50,21 +51,54 @@ def test_best_head_is_within_half_a_point_of_sklearn_logistic_regression() -> No
     assert len(result["grid"]) == 13 and result["steps"] == 300 * 5
 
 
-def test_head_is_chosen_on_held_out_train_not_on_val() -> None:
+@pytest.mark.parametrize("select", ["loss", "top1"])
+def test_head_is_chosen_on_held_out_train_not_on_val(select: str) -> None:
     train, y_train, val, y_val = _digits_features()
     cfg = LinearConfig(train="", val="", n_blocks=[1], avgpool=[False], epochs=3,
-                       lrs=[1e-4, 1e-2, 1.0])
+                       lrs=[1e-4, 1e-2, 1.0], select=select, refit=False)
     kept, held = stratified_split(y_train, cfg.holdout, cfg.seed)
     pick = lambda f, i: {k: v[i] for k, v in f.items()}  # noqa: E731
-    honest = fit_grid(cfg, lambda e: pick(train, kept), y_train[kept],
+    honest = fit_grid(cfg, lambda e: train, y_train, kept,
                       (pick(train, held), y_train[held]), (val, y_val), 10)
     # wrong val labels change every reported val number but not which head is picked
     shuffled = y_val[torch.randperm(len(y_val), generator=torch.Generator().manual_seed(1))]
-    noisy = fit_grid(cfg, lambda e: pick(train, kept), y_train[kept],
+    noisy = fit_grid(cfg, lambda e: train, y_train, kept,
                      (pick(train, held), y_train[held]), (val, shuffled), 10)
     assert honest["best"]["lr"] == noisy["best"]["lr"]
-    assert honest["best"]["holdout_top1"] == max(r["holdout_top1"] for r in honest["grid"])
+    key = "holdout_loss" if select == "loss" else "holdout_top1"
+    pick_by = min if select == "loss" else max
+    assert honest["best"][key] == pick_by(r[key] for r in honest["grid"])
     assert noisy["metrics"]["top1"] < 0.3 < honest["metrics"]["top1"]
+
+
+def test_refit_retrains_the_picked_head_on_all_of_train() -> None:
+    """The picked (lr, variant) is retrained on kept + held-out with the same schedule: the
+    reported number is that head's, the grid rows stay the selection run's."""
+    train, y_train, val, y_val = _digits_features()
+    cfg = LinearConfig(train="", val="", n_blocks=[1], avgpool=[False], epochs=4,
+                       lrs=[1e-3, 1e-1])
+    kept, held = stratified_split(y_train, cfg.holdout, cfg.seed)
+    pick = lambda f, i: {k: v[i] for k, v in f.items()}  # noqa: E731
+    seen = []
+
+    def feats(epoch: int) -> dict:
+        seen.append(epoch)
+        return train
+
+    result = fit_grid(cfg, feats, y_train, kept, (pick(train, held), y_train[held]),
+                      (val, y_val), 10)
+    refit = result["refit"]
+    assert seen == [0, 1, 2, 3] * 2  # the grid's epochs, then the refit's
+    assert refit["n_train"] == 1400 and refit["steps"] == 4 * 6 and result["steps"] == 4 * 5
+    assert (refit["lr"], refit["variant"]) == (result["best"]["lr"], result["best"]["variant"])
+    assert result["metrics"]["top1"] == refit["val_top1"] == result["top1"]
+    head = LinearGrid([Variant(1, False)], [refit["lr"]], 64, 10, 4 * 6, seed=cfg.seed)
+    every = torch.arange(1400)
+    batches = minibatches(1400, cfg.batch_size, cfg.seed)
+    inputs = head.inputs(train)
+    for _ in range(4 * 6):
+        head.step(inputs, y_train, every[next(batches)])
+    assert float(head.accuracy(val, y_val)["top1"][0, 0]) == refit["val_top1"]
 
 
 def test_stratified_split_holds_out_each_class() -> None:
@@ -87,8 +121,9 @@ def test_grid_heads_match_separately_trained_torch_sgd() -> None:
     grid = LinearGrid([variant], [0.1, 0.5], 8, 3, total_steps=5, seed=0)
     w0, b0 = grid.weight[variant].detach().clone(), grid.bias[variant].detach().clone()
     batches = [torch.arange(i * 16, (i + 1) * 16) for i in range(4)]
+    inputs = grid.inputs(feats)
     for index in batches:
-        grid.step(feats, labels, index)
+        grid.step(inputs, labels, index)
     for h, lr in enumerate((0.1, 0.5)):
         head = torch.nn.Linear(24, 3)
         with torch.no_grad():
