@@ -56,6 +56,28 @@ def input_records(cfg: PipelineConfig, out: Path, name: str) -> dict[str, dict]:
     return records
 
 
+def _same_digest(out: Path, name: str, record: dict, digest: str) -> None:
+    if record["digest"] != digest:
+        raise UserError(f"stage {name} in {out} is complete with another configuration or "
+                        f"other inputs: use a new --out, or delete {out / name} to redo it")
+
+
+def stage_complete(cfg: PipelineConfig, out: Path, name: str) -> bool:
+    """Whether stage ``name`` is complete in ``out`` for this config: its record is there, its
+    inputs are complete and the digests agree (UserError when the record has another digest,
+    as when the stage would run). A launcher skips complete stages at submission."""
+    done = read_record(Path(out), name)
+    if done is None:
+        return False
+    try:
+        records = input_records(cfg, Path(out), name)
+    except UserError:  # an input is not complete (deleted to be redone): neither is this
+        return False
+    _same_digest(Path(out), name, done, stage_digest(
+        cfg, name, {k: records[k] for k in active_inputs(cfg, name)}))
+    return True
+
+
 def run_stage(cfg: PipelineConfig, out: Path, name: str,
               part: tuple[int, int] | None = None) -> dict:
     """Run stage ``name`` unless it is complete; returns ``{"stage", "status": "skipped" |
@@ -67,9 +89,7 @@ def run_stage(cfg: PipelineConfig, out: Path, name: str,
     digest = stage_digest(cfg, name, {k: records[k] for k in active_inputs(cfg, name)})
     done = read_record(out, name)
     if done is not None:
-        if done["digest"] != digest:
-            raise UserError(f"stage {name} in {out} is complete with another configuration or "
-                            f"other inputs: use a new --out, or delete {out / name} to redo it")
+        _same_digest(out, name, done, digest)
         return {"stage": name, "status": "skipped", "seconds": 0.0, "record": done}
     rank, world = _rank()
     if world > 1 and not stage.collective and name != "curate":

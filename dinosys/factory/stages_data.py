@@ -33,17 +33,23 @@ register_stage(Stage(
              ("planted val copies", "planted_contamination"))))
 
 
-def curate_command(ctx: Context) -> list[str]:
-    """The ``dinosys-curate run`` command line of the stage (its part, when one is given)."""
-    recipe = ctx.cfg.curate.recipe
-    cmd = [sys.executable, "-m", "curation.cli", "run", str(recipe), "--out",
-           str(ctx.dir("curate")), "--no-progress"]
+def curate_argv(ctx: Context, step: str = "run") -> list[str]:
+    """The ``dinosys-curate STEP ...`` arguments of the stage: the recipe, the work directory
+    ``OUT/curate``, the pool as ``sources`` (when the pipeline built one), the stage's overrides
+    and its part (when one is given). ``step`` is ``run`` (every step, then the merges) or one
+    split step (``ingest``, ``embed``, ``dedup``, ...: one Slurm array of a launcher)."""
+    argv = [step, str(ctx.cfg.curate.recipe), "--out", str(ctx.dir("curate")), "--no-progress"]
     if "pool" in ctx.records:
-        cmd.append(f"sources=[{{path: \"{ctx.records['pool']['pool']}\", name: pool}}]")
-    cmd += ctx.overrides("curate")
+        argv.append(f"sources=[{{path: \"{ctx.records['pool']['pool']}\", name: pool}}]")
+    argv += ctx.overrides("curate")
     if ctx.part is not None:
-        cmd += ["--part", f"{ctx.part[0]}/{ctx.part[1]}"]
-    return cmd
+        argv += ["--part", f"{ctx.part[0]}/{ctx.part[1]}"]
+    return argv
+
+
+def curate_command(ctx: Context, step: str = "run") -> list[str]:
+    """The full command line: this Python running ``curation.cli`` with :func:`curate_argv`."""
+    return [sys.executable, "-m", "curation.cli", *curate_argv(ctx, step)]
 
 
 def manifest_counts(manifest: Path) -> dict:

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from dinosys.cli import main
+from dinosys.errors import UserError
 from dinosys.factory.record import read_record
-from dinosys.factory.runner import load_pipeline, run_pipeline
-from dinosys.factory.stages import plan
+from dinosys.factory.runner import load_pipeline, run_pipeline, stage_complete
+from dinosys.factory.stages import Context, plan
+from dinosys.factory.stages_data import curate_argv
 from tests.factory.conftest import write_mini
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +63,8 @@ def test_rerun_skips_complete_stages_and_refuses_a_changed_one(
     again = run_pipeline(load_pipeline(str(mini_config)), out)
     assert {v["status"] for v in again["stages"].values()} == {"skipped"}
     assert weights.stat().st_mtime_ns == stamp
+    cfg = load_pipeline(str(mini_config))
+    assert stage_complete(cfg, out, "export") and not stage_complete(cfg, tmp_path / "x", "export")
     assert json.loads((out / "summary.json").read_text())["stages"]["pretrain"][
         "recorded_seconds"] == record["seconds"]
     # a stage asked for alone needs its inputs complete; the changed stage is refused
@@ -75,6 +79,19 @@ def test_rerun_skips_complete_stages_and_refuses_a_changed_one(
     assert main(["pipeline", str(changed), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "stage pretrain" in err and "another configuration" in err
+    with pytest.raises(UserError, match="another configuration"):
+        stage_complete(load_pipeline(str(changed)), out, "pretrain")
+
+
+def test_curate_arguments_wire_the_pool_and_the_part(tmp_path: Path) -> None:
+    cfg = load_pipeline("demo", ["data=/data/builtin"])
+    ctx = Context(cfg, tmp_path, {"pool": {"pool": "/p/shards", "digest": "d"}}, (2, 4))
+    argv = curate_argv(ctx, "embed")
+    assert argv[:5] == ["embed", "mnist_demo", "--out", str(tmp_path / "curate"),
+                        "--no-progress"]
+    assert 'sources=[{path: "/p/shards", name: pool}]' in argv
+    assert 'dedup.eval_sources=[{path: "/data/builtin/mnist/val", name: mnist_val}]' in argv
+    assert argv[-2:] == ["--part", "2/4"]
 
 
 def test_a_killed_training_stage_resumes_from_its_checkpoint(builtin_data: Path,
