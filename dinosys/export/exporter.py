@@ -320,6 +320,16 @@ def _resolve_formats(formats: list[str], model_type: str) -> list[str]:
     return ["native"] + [f for f in EXPORTERS if f in wanted]
 
 
+def source_provenance(path: Path) -> dict | None:
+    """The ``provenance`` chain in an exported directory's config.json (None without one)."""
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    chain = data.get("provenance") if isinstance(data, dict) else None
+    return chain if isinstance(chain, dict) else None
+
+
 def export_model(model: str | Path | nn.Module, out: Path, formats: list[str],
                  card: dict | None = None) -> dict:
     """Export a model (a path ``dinosys.export.load`` accepts, or a module) to ``out``: the
@@ -328,6 +338,10 @@ def export_model(model: str | Path | nn.Module, out: Path, formats: list[str],
     from dinosys.export.loading import load
 
     out = check_export_target(out)
+    if not isinstance(model, nn.Module) and not (card or {}).get("provenance"):
+        carried = source_provenance(Path(model))  # re-exporting keeps the chain
+        if carried:
+            card = {**(card or {}), "provenance": carried}
     model = model if isinstance(model, nn.Module) else load(model)
     model = model.eval().cpu()
     model_type = model_type_of(model)

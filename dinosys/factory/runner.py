@@ -96,9 +96,12 @@ def run_stage(cfg: PipelineConfig, out: Path, name: str,
         raise UserError(f"stage {name} runs in one process; it got {world} ranks (give its job "
                         f"one task)")
     log.info("pipeline %s: stage %s", cfg.name, name)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     result = stage.run(Context(cfg, out, records, part))
     seconds = time.perf_counter() - t0
+    # this process and its finished children (loader workers, the curation subprocess)
+    result["cpu_seconds"] = round(_cpu_seconds() - cpu0, 1)
+    result["load1_at_end"] = round(os.getloadavg()[0], 2)
     if result.get("incomplete"):
         return {"stage": name, "status": "incomplete", "seconds": round(seconds, 1),
                 "record": result}
