@@ -169,8 +169,19 @@ def extract_features(module: nn.Module, images: ImageSet, kinds: Sequence[str],
     ``n_blocks`` go to each kind). Sharded over the ranks of the default process group and
     gathered onto every rank. ``transform(batch, batch_index)`` (e.g. a seeded augmentation)
     is applied to each batch before the model. ``progress``: a bar with this title (rank 0).
+    Inside :func:`dinosys.eval.feature_cache.shared_features` a request that earlier features
+    of the same module and images cover is served from them (not with a ``transform``).
     """
     check_features(module, kinds, progress or "evaluation")
+    from dinosys.eval.feature_cache import active_cache
+
+    cache = active_cache() if transform is None else None
+    if cache is not None:
+        hit = cache.lookup(module, images, list(kinds), options)
+        if hit is not None:
+            log.info("%s: %d images, features shared with an earlier evaluation",
+                     progress or "features", len(images))
+            return hit
     rank, world = shard_layout()
     n_batches = images.n_batches(batch_size)
     mine = list(range(rank, n_batches, world))
@@ -200,6 +211,8 @@ def extract_features(module: nn.Module, images: ImageSet, kinds: Sequence[str],
     local = {name: torch.cat(chunks) for name, chunks in parts.items()}
     if world > 1:
         local = _gather(local, len(images), batch_size, rank, world, device)
+    if cache is not None:
+        cache.store(module, images, local)
     return local
 
 

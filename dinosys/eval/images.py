@@ -132,7 +132,19 @@ def load_image_folder(root: Path, size: int, mean: Sequence[float] = IMAGENET_ME
                       std: Sequence[float] = IMAGENET_STD,
                       preload_bytes: int = PRELOAD_BYTES) -> ImageSet:
     """The folder ``root/<class>/<image>`` as an :class:`ImageSet`; preloaded when its
-    preprocessed pixels take at most ``preload_bytes``."""
+    preprocessed pixels take at most ``preload_bytes``. Inside
+    :func:`dinosys.eval.feature_cache.shared_features` each folder is decoded once."""
+    from dinosys.eval.feature_cache import active_cache
+
+    cache = active_cache()
+    if cache is not None:
+        return cache.folder(root, size, tuple(mean), tuple(std), lambda: _load_image_folder(
+            root, size, mean, std, preload_bytes))
+    return _load_image_folder(root, size, mean, std, preload_bytes)
+
+
+def _load_image_folder(root: Path, size: int, mean: Sequence[float], std: Sequence[float],
+                       preload_bytes: int) -> ImageSet:
     folder = ImageFolder(root)  # raises UserError for a missing or empty folder
     samples = [(Path(p), int(label)) for p, label in folder.samples]
     image_set = ImageSet(samples, list(folder.classes), size, tuple(mean), tuple(std))

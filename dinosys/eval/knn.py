@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinosys.errors import UserError
+from dinosys.eval.feature_cache import FeatureNeed
 from dinosys.eval.features import default_image_feature, extract_features
 from dinosys.eval.images import ImageSet, load_class_folders
 from dinosys.eval.models import EvalModel, as_eval_model, frozen
@@ -88,7 +89,7 @@ def knn_on_sets(model: EvalModel, train: ImageSet, val: ImageSet, cfg: KnnConfig
                 progress: bool = True) -> dict:
     """kNN accuracy of ``model`` on two loaded image sets with the same classes."""
     module = model.module
-    kind = default_image_feature(module) if cfg.feature == "auto" else cfg.feature
+    kind = _kind(module, cfg)
     with frozen(module):
         feats = [F.normalize(extract_features(
             module, images, [kind], cfg.batch_size, model.device,
@@ -105,8 +106,19 @@ def knn_on_sets(model: EvalModel, train: ImageSet, val: ImageSet, cfg: KnnConfig
     return result
 
 
+def _kind(module: nn.Module, cfg: KnnConfig) -> str:
+    return default_image_feature(module) if cfg.feature == "auto" else cfg.feature
+
+
+def feature_needs(module: nn.Module, cfg: KnnConfig) -> list[FeatureNeed]:
+    """The train and val features :func:`run` extracts (for a suite's shared extraction)."""
+    kind = _kind(module, cfg)
+    return [FeatureNeed(cfg.train, [kind], {}, cfg.batch_size),
+            FeatureNeed(cfg.val, [kind], {}, cfg.batch_size)]
+
+
 @register_evaluator("knn", KnnConfig, help="weighted kNN on L2-normalised cls features",
-                    needs=("cls", "image"))
+                    needs=("cls", "image"), features=feature_needs)
 def run(model: EvalModel, cfg: KnnConfig) -> dict:
     """kNN evaluation of ``model`` on ``cfg.train`` / ``cfg.val`` (``DIR/<class>/<image>``)."""
     t0 = time.perf_counter()

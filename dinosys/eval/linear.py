@@ -24,6 +24,7 @@ import torch
 
 from dinosys.errors import UserError
 from dinosys.eval.augment import random_resized_crop_flip
+from dinosys.eval.feature_cache import FeatureNeed
 from dinosys.eval.features import FEATURES, extract_features, progress_bar
 from dinosys.eval.images import ImageSet, load_class_folders
 from dinosys.eval.linear_grid import (
@@ -100,6 +101,13 @@ class LinearConfig:
                 for a in sorted(set(self.avgpool))]
 
 
+def _block_kinds(module: torch.nn.Module, cfg: LinearConfig) -> tuple[list[str], dict]:
+    """The feature kinds (and options) the probe's inputs come from."""
+    if FEATURES["blocks"].available(module):
+        return ["blocks"], {"n_blocks": max(cfg.n_blocks)}
+    return ["cls"] + (["patch_mean"] if any(cfg.avgpool) else []), {}
+
+
 def _block_features(model: EvalModel, images: ImageSet, cfg: LinearConfig, progress: str,
                     epoch: int | None = None) -> dict[str, torch.Tensor]:
     """``blocks_cls`` / ``blocks_patch_mean`` (n, N, D) of the last N = max(n_blocks) blocks."""
@@ -108,14 +116,14 @@ def _block_features(model: EvalModel, images: ImageSet, cfg: LinearConfig, progr
     if epoch is not None:
         def transform(batch: torch.Tensor, index: int) -> torch.Tensor:
             return random_resized_crop_flip(batch, cfg.seed, epoch, index)
-    if FEATURES["blocks"].available(module):
-        return extract_features(module, images, ["blocks"], cfg.extract_batch_size, model.device,
-                                progress, transform, n_blocks=n)
+    kinds, options = _block_kinds(module, cfg)
+    if kinds == ["blocks"]:
+        return extract_features(module, images, kinds, cfg.extract_batch_size, model.device,
+                                progress, transform, **options)
     if n > 1:
         raise UserError(f"linear probe with --n-blocks {n} needs intermediate layers "
                         f"({FEATURES['blocks'].requires}); {type(module).__name__} has none: "
                         "use --n-blocks 1")
-    kinds = ["cls"] + (["patch_mean"] if any(cfg.avgpool) else [])
     feats = extract_features(module, images, kinds, cfg.extract_batch_size, model.device,
                              progress, transform)
     out = {"blocks_cls": feats["cls"][:, None]}
@@ -221,8 +229,16 @@ def _rows(feats: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torc
     return {k: v[index] for k, v in feats.items()}
 
 
+def feature_needs(module: torch.nn.Module, cfg: LinearConfig) -> list[FeatureNeed]:
+    """The un-augmented features :func:`run` extracts (for a suite's shared extraction)."""
+    kinds, options = _block_kinds(module, cfg)
+    folders = [cfg.val] if cfg.augment else [cfg.train, cfg.val]
+    return [FeatureNeed(f, kinds, options, cfg.extract_batch_size) for f in folders]
+
+
 @register_evaluator("linear", LinearConfig, help="DINOv2 linear probe: a grid of lrs x feature "
-                    "variants, best head picked on held-out train", needs=("blocks",))
+                    "variants, best head picked on held-out train", needs=("blocks",),
+                    features=feature_needs)
 def run(model: EvalModel, cfg: LinearConfig) -> dict:
     """Linear-probe accuracy of ``model`` on ``cfg.train`` / ``cfg.val``."""
     t0 = time.perf_counter()

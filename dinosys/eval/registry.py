@@ -40,8 +40,12 @@ and registers both with :func:`register_evaluator`::
 
 ``needs`` names the feature kinds of :data:`dinosys.eval.features.FEATURES` the evaluator
 uses (or other capabilities its run checks itself, e.g. a text tower); it is shown in
-``dinosys eval --help``. New feature kinds (a different pooling, an ``encode_image`` of another
-model family) are registered in ``dinosys.eval.features`` the same way.
+``dinosys eval --help``. ``features=fn`` (optional), ``fn(module, cfg) ->
+[dinosys.eval.feature_cache.FeatureNeed]``, says which folders and feature kinds ``run`` will
+extract: ``dinosys eval suite`` then extracts each folder once for all its evaluations and
+``run``'s own :func:`~dinosys.eval.features.extract_features` calls are served from that.
+New feature kinds (a different pooling, an ``encode_image`` of another model family) are
+registered in ``dinosys.eval.features`` the same way.
 
 Add the module's name to :data:`EVALUATOR_MODULES` so the registry imports it. Nothing else is
 needed: the command line, the suite, the launcher and periodic evaluation pick it up.
@@ -71,6 +75,9 @@ class Evaluator:
     run: Callable[[Any, Any], dict]  # run(model: EvalModel, cfg) -> dict
     help: str = ""
     needs: tuple[str, ...] = ()  # feature kinds / capabilities, for help texts
+    # features(module, cfg) -> [FeatureNeed]: what run() will extract, so that a suite
+    # extracts each folder once for all its evaluations (None: nothing to share)
+    features: Callable[[Any, Any], list] | None = None
 
     def make_config(self, **values: Any) -> Any:
         """A validated config from keyword values (unknown keys: UserError naming them)."""
@@ -95,15 +102,18 @@ _loaded = False
 
 
 def register_evaluator(name: str, config: type, help: str = "",  # noqa: A002
-                       needs: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Decorator: register ``run(model, cfg) -> dict`` under ``name`` with its config class."""
+                       needs: tuple[str, ...] = (),
+                       features: Callable[[Any, Any], list] | None = None
+                       ) -> Callable[[Callable], Callable]:
+    """Decorator: register ``run(model, cfg) -> dict`` under ``name`` with its config class
+    (``features``: see :class:`Evaluator`)."""
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"evaluator {name}: config must be a dataclass, got {config!r}")
 
     def decorate(run: Callable[[Any, Any], dict]) -> Callable[[Any, Any], dict]:
         if name in EVALUATORS and EVALUATORS[name].run is not run:
             raise ValueError(f"evaluator '{name}' is already registered")
-        EVALUATORS[name] = Evaluator(name, config, run, help, tuple(needs))
+        EVALUATORS[name] = Evaluator(name, config, run, help, tuple(needs), features)
         return run
 
     return decorate

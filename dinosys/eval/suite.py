@@ -2,10 +2,11 @@
 
 A suite file is a list of entries ``{name, evaluator, <that evaluator's options>}``; ``{builtin}``
 in a value is the embedded-data folder (``--data``), built there when missing, and ``{configs}``
-the configs/ folder. Every entry is
-validated before the first one runs. The results go to ``eval/results.json`` of the model (an
-exported directory, or a run directory) and, when there is an export, into its model card
-(README.md) as a table with the command that reproduces each number.
+the configs/ folder. Every entry is validated before the first one runs. Each folder is decoded
+once and its features extracted once for all the entries (:mod:`dinosys.eval.feature_cache`).
+The results go to ``eval/results.json`` of the model (an exported directory, or a run
+directory) and, when there is an export, into its model card (README.md) as a table with the
+command that reproduces each number.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from dinosys.errors import UserError
+from dinosys.eval.feature_cache import FeatureNeed, merge_needs, shared_features
 from dinosys.eval.models import RANDOM_PREFIX, EvalModel
 from dinosys.eval.registry import get_evaluator, register_evaluator
 
@@ -182,6 +184,29 @@ def _ensure_builtin(suite: str, data: Path) -> None:
         dist.barrier()
 
 
+def _extract_shared(model: EvalModel, entries: list[SuiteEntry]) -> float:
+    """Extract, once per folder, the union of the features the entries will need (each
+    evaluator's ``features`` hook); their own extractions are then served from the cache.
+    Returns the seconds it took."""
+    from dinosys.eval.features import extract_features
+    from dinosys.eval.images import load_image_folder
+    from dinosys.eval.models import frozen
+
+    t0 = time.perf_counter()
+    needs: list[FeatureNeed] = []
+    for entry in entries:
+        hook = get_evaluator(entry.evaluator).features
+        if hook is not None:
+            needs += hook(model.module, entry.config)
+    with frozen(model.module):
+        for need in merge_needs(needs):
+            images = load_image_folder(Path(need.folder), model.image_size, model.mean,
+                                       model.std)
+            extract_features(model.module, images, need.kinds, need.batch_size, model.device,
+                             f"suite features {need.folder}", **need.options)
+    return time.perf_counter() - t0
+
+
 @register_evaluator("suite", SuiteConfig, help="a YAML list of evaluations; results into "
                     "eval/results.json and the model card", needs=())
 def run(model: EvalModel, cfg: SuiteConfig) -> dict:
@@ -195,23 +220,29 @@ def run(model: EvalModel, cfg: SuiteConfig) -> dict:
     _ensure_builtin(cfg.suite, data)
     entries = load_suite(cfg.suite, data)
     results = []
-    for i, entry in enumerate(entries):
-        log.info("suite %d/%d: %s %s", i + 1, len(entries), entry.name, entry.evaluator)
-        t = time.perf_counter()
-        result = get_evaluator(entry.evaluator).run(model, entry.config)
-        results.append({"name": entry.name, "evaluator": entry.evaluator,
-                        "metrics": result.get("metrics", {}),
-                        "command": command_line(entry.evaluator, model.name, entry.config),
-                        "seconds": round(time.perf_counter() - t, 2),
-                        "config": dataclasses.asdict(entry.config), "result": result})
-        log.info("suite %s %s: %s (%.1f s)", entry.name, entry.evaluator,
-                 results[-1]["metrics"], results[-1]["seconds"])
+    with shared_features() as cache:
+        t_features = _extract_shared(model, entries)
+        for i, entry in enumerate(entries):
+            log.info("suite %d/%d: %s %s", i + 1, len(entries), entry.name, entry.evaluator)
+            t = time.perf_counter()
+            result = get_evaluator(entry.evaluator).run(model, entry.config)
+            results.append({"name": entry.name, "evaluator": entry.evaluator,
+                            "metrics": result.get("metrics", {}),
+                            "command": command_line(entry.evaluator, model.name, entry.config),
+                            "seconds": round(time.perf_counter() - t, 2),
+                            "config": dataclasses.asdict(entry.config), "result": result})
+            log.info("suite %s %s: %s (%.1f s)", entry.name, entry.evaluator,
+                     results[-1]["metrics"], results[-1]["seconds"])
+    log.info("suite: %d feature extractions (%.1f s before the first evaluation), %d requests "
+             "served from them", cache.passes, t_features, cache.served)
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     summary = {
         "metrics": {f"{r['name']}/{r['evaluator']}/{k}": v for r in results
                     for k, v in r["metrics"].items()},
         "model": model.name, "suite": str(_suite_file(cfg.suite)), "date": when,
         "results": results, "seconds": round(time.perf_counter() - t0, 2),
+        "features": {"extractions": cache.passes, "served": cache.served,
+                     "shared_seconds": round(t_features, 2)},
     }
     results_json, card = result_locations(model.name) if cfg.write else (None, None)
     if shard_layout()[0] == 0:

@@ -68,6 +68,13 @@ def test_suite_writes_results_and_the_model_card(tiny_export: Path, suite_file: 
     again = dinosys(*words[1:])
     assert json.loads(again.stdout.splitlines()[-1])["metrics"]["top1_k5"] == \
         saved["metrics"]["digits6/knn/top1_k5"]
+    # train and val extracted once (blocks of the last 2), kNN's and the probe's 4 requests
+    # served from them: the probe's command reproduces its number too
+    assert {k: saved["features"][k] for k in ("extractions", "served")} == \
+        {"extractions": 2, "served": 4}
+    linear_row = next(line for line in card.splitlines() if line.startswith("| digits6 | linear"))
+    linear = json.loads(dinosys(*shlex.split(linear_row.split("`")[1])[1:]).stdout.splitlines()[-1])
+    assert linear["metrics"]["top1"] == saved["metrics"]["digits6/linear/top1"]
     # a second run replaces the table instead of adding one
     assert dinosys("eval", "suite", "--model", str(model), "--suite",
                    str(suite_file)).returncode == 0
