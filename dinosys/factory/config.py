@@ -29,12 +29,13 @@ class Resources(Section):
     partition: str | None = None
     parts: int = 1  # curate: array tasks, each `--stage curate --part i/parts` (run together)
 
-    def validate(self) -> None:
-        """Counts are positive."""
-        check_bounds(self, "resources", {"nodes": (1, None), "gpus_per_node": (0, None),
-                                         "tasks_per_node": (1, None), "cpus_per_task": (1, None),
-                                         "mem_gb": (1, None), "timeout_min": (1, None),
-                                         "parts": (1, None)})
+    def check(self, prefix: str) -> None:
+        """Counts are positive (``prefix``: the stage's key, e.g. ``pretrain.resources``); the
+        pipeline calls it, so the error names the stage."""
+        check_bounds(self, prefix, {"nodes": (1, None), "gpus_per_node": (0, None),
+                                    "tasks_per_node": (1, None), "cpus_per_task": (1, None),
+                                    "mem_gb": (1, None), "timeout_min": (1, None),
+                                    "parts": (1, None)})
 
 
 @dataclass
@@ -98,7 +99,9 @@ class PipelineConfig(Section):
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self) -> None:
-        """Every enabled stage that runs a recipe names one."""
+        """Resources are positive; every enabled stage that runs a recipe names one."""
+        for name in ("curate", "pretrain", "distill", "text_align", "evaluate", "export"):
+            getattr(self, name).resources.check(f"{name}.resources")
         for name in ("curate", "pretrain", "distill", "text_align"):
             stage = getattr(self, name)
             if stage.enabled and not stage.recipe:

@@ -41,7 +41,7 @@ def test_shipped_pipelines_plan_each_stage_after_its_inputs() -> None:
     ("pretrain.recipee=x", "did you mean 'pretrain.recipe'"),
     ("pretrain.recipe=null", "stage pretrain is enabled but names no recipe"),
     ("pool.kind=lots", "pool.kind"),
-    ("pretrain.resources.nodes=0", "resources.nodes"),
+    ("pretrain.resources.nodes=0", "'pretrain.resources.nodes': must be >= 1"),
 ])
 def test_bad_config_is_one_line_exit_2(override: str, words: str,
                                        capsys: pytest.CaptureFixture) -> None:
