@@ -81,17 +81,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return _run_job(cfg, args.out, run_train)
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
-    from dinosys.config import load_config
-    from dinosys.distill.config import DistillConfig
-
-    cfg = load_config(DistillConfig, args.config, args.overrides, kind="distill")
-    from dinosys.distill.run import check_config, run_distill
-
-    check_config(cfg)
-    return _run_job(cfg, args.out, run_distill)
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dinosys.eval.cli import main as eval_main  # the evaluator registry builds its parser
 
@@ -178,14 +167,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     if args.recipe is None and args.task is None:
         raise UserError("config show needs a RECIPE (a name under configs/ or a YAML path) or "
                         "--task NAME (that task's defaults)")
-    if args.recipe is not None and _is_distill_recipe(args.recipe):
-        # distillation still runs outside TASKS (dinosys.distill.run): its own schema
-        from dinosys.config import load_config
-        from dinosys.distill.config import DistillConfig
-
-        cfg = load_config(DistillConfig, args.recipe, args.overrides, kind="distill")
-        schema, task = DistillConfig, "distill"
-    elif args.recipe is not None:
+    if args.recipe is not None:
         cfg = load_task_config(args.recipe, args.overrides, default_task=args.task or "ssl")
         schema, task = type(cfg), cfg.task
     else:
@@ -200,12 +182,6 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     print_json({"recipe": args.recipe, "task": task, "schema": schema.__name__,
                 "keys": len(rows), "changed": sum(r.changed for r in rows), "shown": len(shown)})
     return 0
-
-
-def _is_distill_recipe(recipe: str) -> bool:
-    from dinosys.config import find_config
-
-    return find_config(recipe).resolve().parent.name == "distill"
 
 
 def _recipes_epilog(command: str) -> str:
@@ -246,8 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=help_text, description=help_text,
                            epilog=_recipes_epilog(command))
         _add_config_args(p)
-        # distill keeps its own runner (dinosys.distill.run) until its task is on TASKS
-        p.set_defaults(func=_cmd_distill if command == "distill" else _cmd_train)
+        p.set_defaults(func=_cmd_train)
 
     # `dinosys eval NAME ...`: parsed by dinosys.eval.cli from the evaluator registry (imported
     # only for this command; `dinosys eval --help` lists the evaluators)

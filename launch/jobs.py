@@ -72,14 +72,6 @@ def run_train_work(cfg: object, ctx: TaskContext) -> dict:
     return dict(summary)
 
 
-def run_distill_work(cfg: object, ctx: TaskContext) -> dict:
-    """A task of a distillation job: ``dinosys.distill.run.run_distill`` on the resolved config
-    (the training loop's preemption protocol: collective checkpoint, then "preempted")."""
-    from dinosys.distill.run import run_distill
-
-    return dict(run_distill(cfg, ctx.run_dir))  # type: ignore[arg-type]
-
-
 def run_cli_work(argv: list[str], config_yaml: str | None, ctx: TaskContext) -> dict:
     """A task that runs a ``dinosys`` subcommand in-process (a resolved config is written to
     ``RUN/submission/config.yaml`` and passed as CONFIG). Raises when it fails."""
@@ -147,19 +139,6 @@ def _prepare_train(kind: str, config: str, overrides: list[str]) -> PreparedJob:
                        resolved_config=to_yaml(cfg), distributed=True, handles_preemption=True)
 
 
-def _prepare_distill(config: str, overrides: list[str]) -> PreparedJob:
-    from dinosys.distill.config import DistillConfig
-    from dinosys.distill.run import check_config
-
-    cfg = load_config(DistillConfig, config, overrides, kind="distill")
-    check_config(cfg)
-    return PreparedJob(kind="distill", name=cfg.name,
-                       work=functools.partial(run_distill_work, cfg),
-                       resolved_config=to_yaml(cfg), distributed=True, handles_preemption=True)
-
-
-
-
 def _prepare_eval(job_args: list[str]) -> PreparedJob:
     """Any registered evaluator (or the suite), parsed and validated here with the `dinosys
     eval` parser; every task of the job runs it through the evaluator registry (features
@@ -210,8 +189,6 @@ def prepare_jobs(kind: str, job_args: Sequence[str], parts: int = 1) -> list[Pre
     """Validate a job locally (no Slurm involved) and return the job(s) to submit in order,
     each after the previous one succeeded; UserError / NotAvailableError when invalid.
     ``parts``: how many tasks each array of a curation runs."""
-    if kind == "distill":  # its own runner until the distill task is on the TASKS registry
-        return [_prepare_distill(*split_config_args(job_args, kind))]
     if kind in TRAIN_KINDS:
         return [_prepare_train(kind, *split_config_args(job_args, kind))]
     if kind == "eval":

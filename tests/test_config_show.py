@@ -58,10 +58,8 @@ def test_diff_shows_exactly_what_the_recipe_and_overrides_change(capsys) -> None
 
 
 def test_every_key_of_every_task_schema_has_a_help_text() -> None:
-    from dinosys.distill.config import DistillConfig
-
     schemas = {name: cls.config_class for name, cls in TASKS.items()}
-    schemas["distill"] = DistillConfig  # its runner is not on TASKS yet
+    assert "distill" in schemas
     for name, schema in schemas.items():
         missing = [r.key for r in describe(schema) if not r.help]
         assert not missing, f"task {name}: keys without help text: {missing}"

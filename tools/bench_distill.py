@@ -26,13 +26,15 @@ from pathlib import Path
 import torch
 
 from dinosys.data.augment import CropConfig
-from dinosys.distill.config import DistillLossConfig, StudentConfig, TeacherConfig
+from dinosys.distill.config import DistillConfig, DistillLossConfig, StudentConfig, TeacherConfig
 from dinosys.distill.task import DistillTask
 from dinosys.distill.teacher import Teacher, TeacherSource
+from dinosys.distributed.env import DistEnv
 from dinosys.models import backbone_from_config
 from dinosys.models.heads import HeadConfig, build_heads
 from dinosys.models.vit import BackboneConfig
-from dinosys.train.optim import build_optimizer, build_param_groups
+from dinosys.train.optim import build_optimizer
+from dinosys.train.tasks.ssl import SSLOptimConfig
 
 CPU_ARCHS = {  # name -> (width, depth, heads): small enough for a shared CPU
     "cpu_teacher": (256, 6, 4), "cpu_s": (64, 4, 2), "cpu_b": (96, 4, 3), "cpu_l": (128, 6, 4)}
@@ -61,12 +63,6 @@ def make_batch(b: int, crops: CropConfig, grid: int) -> dict:
             "local_crops": (torch.randn(crops.n_local * b, 3, crops.local_size, crops.local_size)
                             if crops.n_local else torch.empty(0)),
             "masks": torch.zeros(2 * b, grid * grid, dtype=torch.bool), "batch_size": b}
-
-
-class Sched:
-    """The one schedule value the task reads."""
-
-    teacher_temp = 0.07
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -110,17 +106,16 @@ def main() -> None:
     batch = make_batch(args.batch, crops, args.size // teacher.patch_size)
 
     def job(members: list[StudentConfig]) -> tuple[DistillTask, torch.optim.Optimizer]:
-        task = DistillTask(TeacherConfig(path="random"), members, loss, crops, device,
-                           teacher=teacher)
-        groups = [g for s in task.students.values()
-                  for g in build_param_groups(s.modules, s.depth, _optim())]
-        return task, build_optimizer(groups, _optim())
+        cfg = DistillConfig(teacher=TeacherConfig(path="random"), students=members, loss=loss,
+                            crops=crops, optim=SSLOptimConfig(), max_steps=1)
+        task = DistillTask(cfg, DistEnv(device=device), teacher=teacher)
+        return task, build_optimizer(task.param_groups(), cfg.optim)
 
     def step(task: DistillTask, opt: torch.optim.Optimizer) -> None:
         ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16
                else torch.autocast(device.type, enabled=False))
         with ctx:
-            out = task.forward_loss(batch, Sched)
+            out = task.forward_loss(batch, 0)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -159,12 +154,6 @@ def main() -> None:
                       "saving_predicted_by_teacher_share": expected,
                       "multi_images_per_s_per_student": args.batch / t_multi,
                       "per_student": per_student}))
-
-
-def _optim():  # type: ignore[no-untyped-def]
-    from dinosys.train.optim import OptimConfig
-
-    return OptimConfig()
 
 
 if __name__ == "__main__":

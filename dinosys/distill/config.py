@@ -1,4 +1,5 @@
-"""Configuration of a distillation job: the teacher, the students and the objective."""
+"""Configuration of a distillation job (``task: distill``): the teacher, the students and the
+objective, on top of what every training run has (:class:`RunConfig`)."""
 
 from __future__ import annotations
 
@@ -6,23 +7,19 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from dinosys.config import ConfigError, check_choice
+from dinosys.config import ConfigError, Section, check_choice
 from dinosys.data.augment import CropConfig
 from dinosys.data.masking import MaskConfig
-from dinosys.data.stream import DataConfig
-from dinosys.distributed.fsdp import DistConfig
 from dinosys.models.heads import HeadConfig
 from dinosys.models.vit import BackboneConfig
-from dinosys.train.metrics import LogConfig
-from dinosys.train.periodic_eval import PeriodicEvalConfig
+from dinosys.train.tasks.base import RunConfig
 from dinosys.train.tasks.ssl import SSLLossConfig, SSLOptimConfig
-from dinosys.train.train_state import CheckpointConfig
 
 MODES = ("auto", "heads", "features")
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(Section):
     """The frozen teacher (see dinosys.distill.teacher for the accepted paths)."""
 
     path: str = MISSING  # run dir, checkpoint, export, timm or HF directory, or a weights file
@@ -30,12 +27,12 @@ class TeacherConfig:
     num_heads: int | None = None  # attention heads of a bare weights file when not the arch's
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; bf16, fp32
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check_choice(self.dtype, ("auto", "bf16", "fp32"), "teacher.dtype")
 
 
 @dataclass
-class StudentConfig:
+class StudentConfig(Section):
     """One student: architecture, heads, its ranks and its own lr and layer-wise decay.
 
     ``None`` knobs take the job-wide ``optim.*`` value (clipping, schedules and the EMA
@@ -50,7 +47,7 @@ class StudentConfig:
     base_lr: float | None = None  # this student's peak lr before batch scaling
     layerwise_decay: float | None = None  # over this student's own depth
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.name is not MISSING and (not self.name or not self.name.replace("_", "").isalnum()):
             raise ConfigError(f"config key 'students.name': {self.name!r} must be a non-empty "
                               "name of letters, digits and underscores")
@@ -69,37 +66,29 @@ class DistillLossConfig(SSLLossConfig):
     smooth_l1_weight: float = 1.0  # feature mode: weight of the smooth-L1 distance
     smooth_l1_beta: float = 1.0  # feature mode: smooth-L1 beta (quadratic below it)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         check_choice(self.mode, MODES, "loss.mode")
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(RunConfig):
     """`dinosys distill`: a frozen teacher into one or more students (one teacher forward)."""
 
-    name: str = "distill"  # run name: the default run directory runs/<name>-<time>
-    seed: int = 0  # RNG seed (rank r seeds with seed + r)
-    max_steps: int | None = None  # None: optim.epochs * optim.iters_per_epoch
-    max_consecutive_nonfinite: int = 5  # stop after this many NaN/inf steps in a row
-    # testing aid: these steps get a NaN loss
-    debug_nonfinite_steps: list[int] = field(default_factory=list)
+    name: str = "distill"
+    task: str = "distill"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # the students: [{name, model, heads, ranks, ...}, ...]
     students: list[StudentConfig] = field(default_factory=list)
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     crops: CropConfig = field(default_factory=CropConfig)
     masking: MaskConfig = field(default_factory=MaskConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: SSLOptimConfig = field(default_factory=SSLOptimConfig)  # + EMA momentum
-    dist: DistConfig = field(default_factory=DistConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
+    optim: SSLOptimConfig = field(default_factory=SSLOptimConfig)  # + the students' EMA momentum
     # formats of each student's export
     export_formats: list[str] = field(default_factory=lambda: ["native"])
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        super().validate()
         if not self.students:
             raise ConfigError("config key 'students': list at least one student "
                               "(name, model.arch, ...)")

@@ -1,11 +1,15 @@
-"""The distillation task: one frozen teacher forward per global batch, several students.
+"""The ``distill`` task: one frozen teacher forward per global batch, several students.
 
+``dinosys distill CONFIG`` (and ``launch/submit.py distill``) runs it through the shared loop
+and run path (:mod:`dinosys.train.run`): checkpoints, exact resume, preemption, exports.
 Per step, every rank runs the teacher on its slice of the global batch, the teacher outputs
 and crops are routed to the students' ranks (:mod:`dinosys.distill.ranks`), and each student
 this rank trains computes its loss on its chunk (:mod:`dinosys.distill.student`); the
 backpropagated loss is their sum (students share no parameters, so each gets its own
-gradient). Logged values are per student, prefixed ``<name>/``, and world-averaged into each
-student's subgroup mean (see :meth:`DistillTask.world_logs`).
+gradient). Logged values are per student, prefixed ``<name>/``, and weighted so that their
+world mean is each student's subgroup mean (:meth:`DistillTask.rank_logs`). Each student's
+EMA backbone is exported (``RUN/export/<name>/``) from its first rank, with a model card
+naming the teacher, and evaluated with kNN first when ``eval.knn_train/knn_val`` are set.
 """
 
 from __future__ import annotations
@@ -13,99 +17,100 @@ from __future__ import annotations
 import dataclasses
 import logging
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dinosys.distill.config import DistillLossConfig, StudentConfig, TeacherConfig
+from dinosys.distill.checks import check_compatible, resolve_mode
+from dinosys.distill.config import DistillConfig
 from dinosys.distill.ranks import RankLayout, build_layout, to_crop_major, to_image_major
 from dinosys.distill.student import N_GLOBAL, Student
 from dinosys.distill.teacher import Teacher, load_teacher, place_teacher
+from dinosys.distributed.env import DistEnv
 from dinosys.errors import UserError
-from dinosys.models import backbone_forward_flops, resolve_config
+from dinosys.models import backbone_forward_flops, backbone_from_config, resolve_config
+from dinosys.train.ema import ema_pairs, ema_update
+from dinosys.train.optim import build_param_groups
+from dinosys.train.tasks import register_task
+from dinosys.train.tasks.base import Exportable, TrainTask
+from dinosys.train.tasks.ssl import SSLSchedules
 
 log = logging.getLogger(__name__)
 
 TEACHER_KEYS = {"heads": ("cls_bottleneck", "patch_bottleneck"), "features": ("cls", "patches")}
 
 
-def resolve_mode(mode: str, teacher: Teacher) -> str:
-    """``auto`` -> ``heads`` when the teacher has DINO/iBOT heads, else ``features``."""
-    if mode == "auto":
-        return "heads" if teacher.has_heads else "features"
-    if mode == "heads" and not teacher.has_heads:
-        raise UserError(f"teacher {teacher.path} has no DINO/iBOT heads ({teacher.kind}): "
-                        "loss.mode=heads needs a dinosys run or checkpoint; use "
-                        "loss.mode=features to distill its backbone features")
-    return mode
+def _teacher_key(cfg: DistillConfig) -> tuple:
+    return (cfg.teacher.path, cfg.teacher.arch, cfg.teacher.num_heads)
 
 
-def check_compatible(teacher: Teacher, students: list[StudentConfig], crops: Any,
-                     mode: str) -> None:
-    """Reject what cannot work before any training (one-line UserError); warn on a student
-    larger than its teacher."""
-    for name, ours, theirs in (("mean", crops.mean, teacher.mean), ("std", crops.std, teacher.std)):
-        if len(ours) != len(theirs) or any(abs(a - b) > 1e-3 for a, b in zip(ours, theirs)):
-            raise UserError(f"teacher {teacher.path} expects images normalised with {name} "
-                            f"{list(theirs)} but the data uses crops.{name}={list(ours)}: set "
-                            f"crops.mean/crops.std to the teacher's")
-    p = teacher.patch_size
-    if crops.global_size % p:
-        raise UserError(f"crops.global_size={crops.global_size} is not a multiple of the "
-                        f"teacher's patch size {p}")
-    t_params = sum(x.numel() for x in teacher.backbone.parameters())
-    for s in students:
-        cfg = resolve_config(s.model)
-        if cfg.patch_size != p:
-            raise UserError(f"student '{s.name}' has patch size {cfg.patch_size} but the "
-                            f"teacher has {p}: patch targets need the same token grid")
-        if crops.n_local and crops.local_size % cfg.patch_size:
-            raise UserError(f"crops.local_size={crops.local_size} is not a multiple of student "
-                            f"'{s.name}' patch size {cfg.patch_size}")
-        width, depth = cfg.embed_dim, cfg.depth
-        if width * width * depth > teacher.embed_dim ** 2 * teacher.backbone.n_blocks:
-            log.warning("student '%s' (%s, width %d, depth %d) is larger than its teacher "
-                        "(%d parameters): allowed, but distillation usually shrinks models",
-                        s.name, cfg.arch, width, depth, t_params)
-    if mode == "heads" and teacher.head_cfg is None:
-        raise UserError(f"teacher {teacher.path} has no heads: use loss.mode=features")
-
-
-class DistillTask:
+@register_task
+class DistillTask(TrainTask):
     """Frozen teacher + the students of this rank (see the module docstring)."""
 
     name = "distill"
+    config_class = DistillConfig
+    command = "distill"
+    config_kind = "distill"
+    # the teacher check_inputs loaded, kept for __init__ (a large teacher is read once)
+    _checked: tuple[tuple, Teacher] | None = None
 
-    def __init__(self, teacher_cfg: TeacherConfig, students: list[StudentConfig],
-                 loss: DistillLossConfig, crops: Any, device: torch.device,
-                 rank: int = 0, world_size: int = 1, teacher: Teacher | None = None,
-                 seed: int = 0) -> None:
-        names = [s.name for s in students]
+    @classmethod
+    def check_inputs(cls, cfg: DistillConfig) -> None:
+        """Load the teacher and check it against the objective, the students and the data
+        (one-line UserError before any work); the loaded teacher is kept for ``__init__``."""
+        cls._checked = None
+        teacher = load_teacher(cfg.teacher.path, cfg.teacher.arch, cfg.teacher.num_heads)
+        check_compatible(teacher, cfg.students, cfg.crops, resolve_mode(cfg.loss.mode, teacher))
+        cls._checked = (_teacher_key(cfg), teacher)
+
+    def __init__(self, cfg: DistillConfig, env: DistEnv | None = None,
+                 teacher: Teacher | None = None) -> None:
+        """Load the teacher (or take ``teacher``), check it against the students and the data
+        (one-line UserError), create the students' rank groups and build this rank's students
+        on the CPU (the same initial weights for a student in any layout)."""
+        super().__init__(cfg, env or DistEnv())
+        env = self.env
+        names = [s.name for s in cfg.students]
         if len(set(names)) != len(names):
             raise UserError(f"student names must be unique, got {names}")
-        self.device = torch.device(device)
-        teacher = teacher or load_teacher(teacher_cfg.path, teacher_cfg.arch,
-                                          teacher_cfg.num_heads)
-        self.mode = resolve_mode(loss.mode, teacher)
-        check_compatible(teacher, students, crops, self.mode)
+        t_cfg = cfg.teacher
+        checked, DistillTask._checked = DistillTask._checked, None
+        if teacher is None and checked is not None and checked[0] == _teacher_key(cfg):
+            teacher = checked[1]
+        teacher = teacher or load_teacher(t_cfg.path, t_cfg.arch, t_cfg.num_heads)
+        self.mode = resolve_mode(cfg.loss.mode, teacher)
+        check_compatible(teacher, cfg.students, cfg.crops, self.mode)
         self.teacher_info = teacher.describe()
-        self.layout: RankLayout = build_layout({s.name: s.ranks for s in students},
-                                               world_size, rank)
-        self.student_cfgs = {s.name: s for s in students}
+        self.layout: RankLayout = build_layout({s.name: s.ranks for s in cfg.students},
+                                               env.world_size, env.rank)
+        per_rank = cfg.data.batch_size_per_gpu * env.world_size
+        for name in self.layout.ranges:  # the global batch splits over each student's ranks
+            self.layout.images_per_rank(name, per_rank)
+        self.student_cfgs = {s.name: s for s in cfg.students}
         self.students: dict[str, Student] = {}
         for name in self.layout.local_students:
-            # the same initial weights on every rank of the student and in any layout
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + zlib.crc32(name.encode()))
-                student = Student(self.student_cfgs[name], teacher, loss, self.mode,
+                torch.manual_seed(cfg.seed + zlib.crc32(name.encode()))
+                student = Student(self.student_cfgs[name], teacher, cfg.loss, self.mode,
                                   self.layout.groups[name])
             self.students[name] = student.to(self.device)
-        self.teacher = place_teacher(teacher, self.device, teacher_cfg.dtype)
-        self.loss_cfg, self.crops = loss, crops
+        self.teacher = place_teacher(teacher, self.device, t_cfg.dtype)
+        self.loss_cfg, self.crops = cfg.loss, cfg.crops
         self.patch_size = teacher.patch_size
+        self.schedules = SSLSchedules(cfg.optim, cfg.loss, cfg.total_steps())
+        self._ema: list[tuple[list, list]] | None = None
         self._flops: dict[tuple, float] = {}
+        self._knn_sets: tuple[Any, Any] | None = None
+        if self._wants_knn() and not cfg.eval.knn_every_n_steps:
+            # the final kNN of each student reads eval.knn_*: build embedded data there too
+            from dinosys.train.run import ensure_builtin_sources
+
+            ensure_builtin_sources(dataclasses.replace(
+                cfg, eval=dataclasses.replace(cfg.eval, knn_every_n_steps=1)), env)
 
     # ------------------------------------------------------------------ modules
 
@@ -115,21 +120,28 @@ class DistillTask:
         return {f"{name}-{part}": module for name, s in self.students.items()
                 for part, module in s.modules.items()}
 
-    def backbone_depth(self) -> int:
-        """Deepest local student (the loop's default groups; replaced per student)."""
-        return max(s.depth for s in self.students.values())
+    def shard(self) -> None:
+        """FSDP2: the teacher backbone over the whole world; each student (and its EMA,
+        sharded the same way so their local shards pair up) over its own ranks."""
+        from dinosys.distributed.fsdp import build_mesh, shard_modules
 
-    def export_backbone(self) -> nn.Module:
-        """The first local student's EMA backbone (periodic kNN)."""
-        return next(iter(self.students.values())).ema
+        world_mesh = build_mesh(self.env, self.cfg.dist) if self.env.is_distributed else None
+        if world_mesh is not None:
+            from torch.distributed.device_mesh import DeviceMesh
+            from torch.distributed.fsdp import fully_shard
 
-    def student_modules(self, name: str) -> Mapping[str, nn.Module]:
-        """One student's trainable modules (backbone under ``backbone``)."""
-        return self.students[name].modules
-
-    def ema_modules(self) -> list[tuple[nn.Module, nn.Module]]:
-        """``(EMA backbone, student backbone)`` per local student."""
-        return [(s.ema, s.backbone) for s in self.students.values()]
+            teacher_bb = self.teacher.backbone
+            for block in teacher_bb.blocks:
+                fully_shard(block, mesh=world_mesh)
+            fully_shard(teacher_bb, mesh=world_mesh)
+        for name, student in self.students.items():
+            group = self.layout.groups[name]
+            mesh = world_mesh
+            if group is not None:
+                mesh = DeviceMesh.from_group(group, self.env.device.type)
+            shard_modules(student.modules, self.env, self.cfg.dist, mesh)
+            shard_modules({"backbone": student.ema}, self.env, self.cfg.dist, mesh,
+                          trainable=False)
 
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         """Students (with heads / projection) and their EMAs; never the teacher."""
@@ -151,6 +163,58 @@ class DistillTask:
             s.load_extra_state({k[len(prefix):]: v for k, v in state.items()
                                 if k.startswith(prefix)})
 
+    # ------------------------------------------------------------------ data
+
+    def build_loader(self) -> Iterable[Any]:
+        """Multi-crop (+ masks) over the run's sources, rank-split as for pretraining: each
+        rank loads its slice of the global batch, which the teacher sees once."""
+        from dinosys.data.multicrop import build_ssl_loader
+
+        return build_ssl_loader(self.cfg, self.env.rank, self.env.world_size, self.patch_size)
+
+    def prepare_batch(self, batch: Any) -> Any:
+        """Device-side photometric ops; the crops reach the device when they are routed."""
+        from dinosys.data.gpu_augment import apply_photometric
+
+        return apply_photometric(batch, self.device)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def param_groups(self) -> list[dict]:
+        """AdamW groups per student: its own depth for layer-wise decay, its own lr
+        multiplier (``students[].base_lr`` relative to ``optim.base_lr``)."""
+        groups: list[dict] = []
+        for name, student in self.students.items():
+            s_cfg = self.student_cfgs[name]
+            optim = self.cfg.optim
+            if s_cfg.layerwise_decay is not None:
+                optim = dataclasses.replace(optim, layerwise_decay=s_cfg.layerwise_decay)
+            ratio = s_cfg.base_lr / optim.base_lr if s_cfg.base_lr is not None else 1.0
+            for group in build_param_groups(student.modules, optim):
+                group["lr_mult"] *= ratio
+                group["names"] = [f"{name}.{n}" for n in group["names"]]
+                groups.append(group)
+        return groups
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        return {"momentum": self.schedules.momentum(step),
+                "teacher_temp": self.schedules.teacher_temp(step)}
+
+    def before_optimizer_step(self, step: int) -> None:
+        """The heads' last layer stays frozen early on (``optim.freeze_last_layer_epochs``)."""
+        if self.schedules.last_layer_frozen(step):
+            for module in self.trainable_modules().values():
+                for name, param in module.named_parameters():
+                    if "last_layer" in name:
+                        param.grad = None
+
+    def after_optimizer_step(self, step: int, applied: Tensor) -> None:
+        """Each student's EMA follows it (none when the step was skipped)."""
+        if self._ema is None:
+            self._ema = [ema_pairs(s.ema, s.backbone) for s in self.students.values()]
+        for t_list, s_list in self._ema:
+            ema_update(t_list, s_list, self.schedules.momentum(step), apply=applied)
+
     # ------------------------------------------------------------------ one step
 
     @torch.no_grad()
@@ -163,12 +227,11 @@ class DistillTask:
               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Crops, masks and teacher outputs of this rank's student chunk (crop-major)."""
         dev = self.device
-        n_local = self.crops.n_local
         parts = {"global_crops": (batch["global_crops"].to(dev, non_blocking=True), N_GLOBAL),
                  "masks": (batch["masks"].to(dev, non_blocking=True), N_GLOBAL)}
         local = batch["local_crops"]
-        if n_local and local.numel():
-            parts["local_crops"] = (local.to(dev, non_blocking=True), n_local)
+        if self.crops.n_local and local.numel():
+            parts["local_crops"] = (local.to(dev, non_blocking=True), self.crops.n_local)
         for key, value in t_out.items():
             parts[key] = (value, N_GLOBAL)
         routed = {k: to_crop_major(self.layout.exchange(to_image_major(v, n)))
@@ -177,25 +240,24 @@ class DistillTask:
         crops = {k: routed.pop(k) for k in ("global_crops", "local_crops", "masks")}
         return crops, routed
 
-    def forward_loss(self, batch: Mapping[str, Any], sched: Any) -> dict[str, Any]:
+    def forward_loss(self, batch: Mapping[str, Any], step: int) -> dict[str, Any]:
         """Teacher once, then each local student on the same routed targets."""
         t_out = self.teacher_outputs(batch["global_crops"].to(self.device, non_blocking=True))
         crops, targets = self.route(batch, t_out)
+        temp = self.schedules.teacher_temp(step)
         total: Tensor | None = None
         logs: dict[str, Any] = {}
         for name, student in self.students.items():
-            out = student.forward_loss(crops, targets, sched.teacher_temp)
+            out = student.forward_loss(crops, targets, temp)
             total = out["loss"] if total is None else total + out["loss"]
             logs.update({f"{name}/{k}": v for k, v in out.items()})
         assert total is not None  # every rank trains at least one student (layout check)
         return {"loss": total, **logs}
 
-    def world_logs(self, logs: Mapping[str, float]) -> dict[str, float]:
-        """Per-rank logs -> values whose world mean is each student's subgroup mean.
-
-        Every rank reports every student's keys (the world average needs one layout): a local
-        student's values are scaled by world/n_ranks(student), others are 0.
-        """
+    def rank_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """Every rank reports every student's keys (the world average needs one layout): a
+        local student's values are scaled by world / n_ranks(student), the others are 0, so
+        the world mean is each student's subgroup mean."""
         world = self.layout.world_size
         out: dict[str, float] = {}
         for key, value in logs.items():
@@ -253,10 +315,48 @@ class DistillTask:
             total += 3.0 * c * self._flops[key]
         return total
 
-    def export_backbones(self) -> dict[str, nn.Module]:
-        """Each local student's EMA backbone (what gets exported)."""
-        return {name: s.ema for name, s in self.students.items()}
+    # ------------------------------------------------------------------ outputs
 
-    def student_model_config(self, name: str) -> Any:
-        """The resolved backbone config of a student (for rebuilding its export)."""
-        return dataclasses.replace(self.students[name].model_cfg)
+    def exports(self) -> dict[str, Exportable]:
+        """Each local student's EMA backbone, written by the student's first rank with a card
+        naming the teacher (path and weights hash), the data and the recipe."""
+        cfg = self.cfg
+        out: dict[str, Exportable] = {}
+        for name, student in self.students.items():
+            card = {"teacher": self.teacher_info, "mean": list(cfg.crops.mean),
+                    "std": list(cfg.crops.std),
+                    "objective": f"distillation ({self.mode} mode) from "
+                                 f"{self.teacher_info['path']}",
+                    "distillation": {"student": name, "arch": student.model_cfg.arch,
+                                     "mode": self.mode, "mask_student": cfg.loss.mask_student}}
+            build = (lambda c=student.model_cfg: backbone_from_config(c))
+            out[name] = Exportable(student.ema, build, card,
+                                   rank=self.layout.ranges[name].start,
+                                   formats=list(cfg.export_formats),
+                                   evaluate=self._final_knn if self._wants_knn() else None)
+        return out
+
+    def _wants_knn(self) -> bool:
+        return bool(self.cfg.eval.knn_train and self.cfg.eval.knn_val)
+
+    def _final_knn(self, model: nn.Module) -> dict[str, Any]:
+        """kNN of an exported student on ``eval.knn_train`` / ``eval.knn_val`` (model card)."""
+        from dinosys.eval.images import load_image_folder
+        from dinosys.eval.knn import knn_eval_module
+
+        ev, size = self.cfg.eval, self.cfg.crops.global_size
+        if self._knn_sets is None:
+            self._knn_sets = tuple(load_image_folder(Path(p), size, self.cfg.crops.mean,
+                                                     self.cfg.crops.std)
+                                   for p in (ev.knn_train, ev.knn_val))
+        res = knn_eval_module(model, *self._knn_sets, ev.knn_k, ev.knn_temperature)
+        out: dict[str, Any] = {f"knn_top1_k{k}": v for k, v in res["top1"].items()}
+        out["command"] = (f"dinosys eval knn --model RUN/export/<student> --train {ev.knn_train} "
+                          f"--val {ev.knn_val}")
+        return out
+
+    def run_summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        """The objective, the teacher and each student's last logged values."""
+        return {"mode": self.mode, "teacher": self.teacher_info,
+                "students": {n: {k.split("/", 1)[1]: v for k, v in last.items()
+                                 if k.startswith(f"{n}/")} for n in self.layout.ranges}}

@@ -465,12 +465,24 @@ def load_backbone_state(ckpt_dir: Path,
     return {key[len(head):]: tensor for key, tensor in wanted.items()}
 
 
-def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(model: nn.Module, rank: int = 0) -> dict[str, torch.Tensor]:
     """The full CPU state dict of a (possibly FSDP2-sharded) model, for export.
 
-    Collective: call it on every rank. Rank 0 gets the full dict, other ranks an empty one.
+    Collective over the model's mesh: call it on every rank that holds the model. Global rank
+    ``rank`` (a rank of that mesh) gets the full dict, the others an empty one. With ``rank``
+    other than 0 (a model sharded over a subgroup of ranks), tensors are gathered one at a
+    time, so no rank holds more than one full tensor it does not keep.
     """
-    if _distributed():
+    if not _distributed():
+        return {k: v.detach().cpu().clone() for k, v in get_model_state_dict(model).items()}
+    if rank == 0:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=options)
-    return {k: v.detach().cpu().clone() for k, v in get_model_state_dict(model).items()}
+    keep = dist.get_rank() == rank
+    out: dict[str, torch.Tensor] = {}
+    for key, value in get_model_state_dict(model).items():
+        if hasattr(value, "full_tensor"):
+            value = value.full_tensor()  # collective over the tensor's own mesh
+        if keep:
+            out[key] = value.detach().cpu().clone()
+    return out

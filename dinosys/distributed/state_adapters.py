@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -73,16 +74,26 @@ def reseed_rng(seed: int, step: int, rank: int) -> None:
 # --------------------------------------------------------------------------- state adapters
 
 
+_LEGACY_GROUP_KEY = re.compile(r"^param_groups\.\d+\.")
+
+
 class OptimizerState:
     """Pairs an optimizer with the module owning its parameters (DCP needs both).
 
     :meth:`CheckpointManager.save` finds the owner itself when an optimizer is passed bare;
     use this wrapper when the parameters live in a module that is not in the state dict.
+
+    Parameter groups are saved keyed by their first parameter's name
+    (``param_groups.<fqn>.lr``), not by their position in the optimizer: ranks may hold
+    different modules (distillation students on rank subgroups), and DCP keeps one value per
+    key, so position keys (``param_groups.0.lr``) of different ranks would overwrite each
+    other. Checkpoints with position keys still load (every rank had the same groups then).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
         self._saved_prefixes: set[str] | None = None  # set by load: which params had state
+        self._groups_by_position = False  # set by load: a checkpoint with position keys
 
     def state_dict(self) -> dict:
         osd = get_optimizer_state_dict(self.model, self.optimizer)
@@ -91,9 +102,14 @@ class OptimizerState:
             # saved state; get_optimizer_state_dict made some up, so leave them out of the load.
             osd["state"] = {fqn: st for fqn, st in osd["state"].items()
                             if f"state.{fqn}." in self._saved_prefixes}
+        if not self._groups_by_position:
+            osd["param_groups"] = {_group_key(i, g): g for i, g in enumerate(osd["param_groups"])}
         return osd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict["param_groups"]
+        if isinstance(groups, dict):  # keyed as state_dict() made them: the optimizer's order
+            state_dict = {**state_dict, "param_groups": list(groups.values())}
         partial = StateDictOptions(strict=self._saved_prefixes is None)
         set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=partial)
         if self._saved_prefixes is not None:
@@ -104,12 +120,21 @@ class OptimizerState:
                     del self.optimizer.state[param]
 
     def expect(self, saved_keys: list[str]) -> None:
-        """Restrict the next load to the parameters that have state in the checkpoint."""
+        """Restrict the next load to the parameters that have state in the checkpoint (and
+        read its parameter groups the way it keyed them)."""
         prefixes = set()
         for key in saved_keys:
             parts = key.split(".")
             prefixes.update(".".join(parts[:i]) + "." for i in range(2, len(parts)))
         self._saved_prefixes = prefixes
+        self._groups_by_position = any(_LEGACY_GROUP_KEY.match(k) for k in saved_keys)
+
+
+def _group_key(index: int, group: dict) -> str:
+    """A parameter group's checkpoint key: its first parameter's name (the same on every rank
+    that holds the group, whatever else the rank holds)."""
+    params = group.get("params") or []
+    return str(params[0]) if params else f"empty_group_{index}"
 
 
 class _ModuleState:

@@ -229,7 +229,7 @@ class Trainer:
 
     def _log(self, step: int, logs: dict[str, Any], window: dict[str, float],
              skipped: int) -> dict[str, Any]:
-        logs = mean_over_ranks(read_scalars(logs), self.env)
+        logs = mean_over_ranks(self.task.rank_logs(read_scalars(logs)), self.env)
         world = self.env.world_size
         t = max(window["t"], 1e-9)
         flops = window["flops"] * world

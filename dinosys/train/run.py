@@ -103,24 +103,46 @@ def _setup_logging(env: DistEnv) -> None:
     logging.getLogger("dinosys").setLevel(level)
 
 
-def export_task(task: TrainTask, run_dir: Path, env: DistEnv, card: dict) -> dict[str, str]:
-    """Gather each of the task's exports (collective) and write ``run_dir/export/<name>/``
-    through :func:`dinosys.export.exporter.export_model` on rank 0; returns name -> path."""
+def export_task(task: TrainTask, run_dir: Path, env: DistEnv, card: dict
+                ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Gather each of the task's exports (collective over each module's ranks) and write
+    ``run_dir/export/<name>/`` through :func:`dinosys.export.exporter.export_model` on its
+    writer rank, evaluating it first when it says how. Returns (name -> path, name -> the
+    evaluation's scalars), merged over every rank."""
     from dinosys.distributed.sharded_checkpoint import consolidated_state_dict
     from dinosys.export.exporter import export_model
 
     paths: dict[str, str] = {}
+    evaluations: dict[str, dict[str, Any]] = {}
     for name, item in task.exports().items():
-        state = consolidated_state_dict(item.module)
+        state = consolidated_state_dict(item.module, rank=item.rank)
         out = run_dir / "export" / name
-        if env.is_main:
+        if env.rank == item.rank:
             model = item.build()
             model.load_state_dict(state)
-            export_model(model.eval(), out, formats=["native"],
-                         card={**card, **item.card, "exported": name})
+            model.eval()
+            item_card = {**card, **item.card, "exported": name}
+            if item.evaluate is not None:
+                evaluations[name] = item.evaluate(model)
+                item_card["evaluation"] = evaluations[name]
+            export_model(model, out, formats=list(item.formats), card=item_card)
         paths[name] = str(out)
     env.barrier()
-    return paths
+    return _merged_over_ranks(paths, env), _merged_over_ranks(evaluations, env)
+
+
+def _merged_over_ranks(part: dict[str, Any], env: DistEnv) -> dict[str, Any]:
+    """Every rank's dict, merged (ranks may export different models)."""
+    if not env.is_distributed:
+        return part
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * env.world_size
+    dist.all_gather_object(parts, part)
+    merged: dict[str, Any] = {}
+    for entry in parts:
+        merged.update(entry or {})
+    return merged
 
 
 def config_changes(cfg: RunConfig, run_dir: Path, limit: int = 10) -> str:
@@ -165,17 +187,18 @@ def _run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     t0 = time.perf_counter()
     _setup_logging(env)
     total_steps = total_steps_of(cfg)
+    get_task(cfg.task).check_inputs(cfg)  # e.g. a teacher that cannot serve the students
     # every data source is checked (and embedded data built) before a model is built or
     # anything is written: a mistyped path must not leave runs/<name>/ behind
     ensure_builtin_sources(cfg, env)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     resolved = cfg  # written to config.yaml once the checkpoint (if any) accepted it
     threads = configure_cpu_threads(cfg, env)
     log.info("%d intra-op threads per rank", threads)
     seed_everything(cfg.seed, env.rank)
     cfg = get_task(cfg.task).device_layout(cfg, env)  # e.g. one GPU: no FSDP2 if it fits
     task = build_task(cfg, env)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     task.shard()
     loader = task.build_loader()
     total_batch = cfg.data.batch_size_per_gpu * env.world_size * cfg.dist.grad_accum_steps
@@ -210,9 +233,12 @@ def _run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
                 "global_batch": total_batch, "data": [s.path for s in cfg.data.sources]}
         if knn is not None:
             card["knn_top1_during_training"] = knn["top1"]
-        exports = export_task(task, run_dir, env, card)
+        exports, evaluations = export_task(task, run_dir, env, card)
         summary["exports"] = exports
         summary["export"] = next(iter(exports.values()), None)
+        if evaluations:
+            summary["evaluations"] = evaluations
+    summary.update(task.run_summary(result.last))
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     if torch.cuda.is_available():
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dinosys.data.augment import CropConfig
-from dinosys.distill.config import DistillLossConfig, StudentConfig, TeacherConfig
+from dinosys.distill.config import DistillConfig, DistillLossConfig, StudentConfig, TeacherConfig
 from dinosys.distill.task import DistillTask
 from dinosys.errors import UserError
 from dinosys.models.vit import BackboneConfig
@@ -25,8 +25,8 @@ def _student(name: str = "s", **model) -> StudentConfig:
 
 def _task(teacher: Path, students: list[StudentConfig], mode: str = "auto", **crops):
     crop_cfg = CropConfig(**{"global_size": 28, "local_size": 14, "n_local": 0, **crops})
-    return DistillTask(TeacherConfig(path=str(teacher)), students,
-                       DistillLossConfig(mode=mode), crop_cfg, "cpu")
+    return DistillTask(DistillConfig(teacher=TeacherConfig(path=str(teacher)), students=students,
+                                     loss=DistillLossConfig(mode=mode), crops=crop_cfg))
 
 
 def test_head_mode_needs_a_teacher_with_heads(teacher_run: Path) -> None:
@@ -54,7 +54,7 @@ def test_rank_ranges_and_names(teacher_run: Path) -> None:
 
 
 def test_student_larger_than_teacher_warns(teacher_run: Path, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="dinosys.distill.task"):
+    with caplog.at_level(logging.WARNING, logger="dinosys.distill"):
         _task(teacher_run, [_student(embed_dim=64, depth=3)])
     assert "larger than its teacher" in caplog.text
 

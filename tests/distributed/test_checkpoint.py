@@ -296,3 +296,48 @@ def test_extra_that_is_not_json_fails_the_save_and_commits_nothing(tmp_path: Pat
         manager.save(2, {"student": nn.Linear(2, 2)}, {"when": object()})
     assert manager.latest() == tmp_path / "ckpt" / "step_00000001"
     assert [s for s, _ in manager.committed()] == [1]
+
+
+def _grouped_state(seed: int, lr_mults: tuple[float, float]) -> dict:
+    """make_state with two AdamW groups carrying an extra key (as the loop's lr_mult)."""
+    state = make_state(seed)
+    student = state["student"]
+    groups = [{"params": list(student.backbone.parameters()), "lr_mult": lr_mults[0]},
+              {"params": list(student.head.parameters()), "lr_mult": lr_mults[1]}]
+    optim = torch.optim.AdamW(groups, lr=0.1)
+    student.head(student.backbone(torch.randn(3, 4))).pow(2).mean().backward()
+    optim.step()
+    state["optim"] = optim
+    return state
+
+
+@pytest.mark.parametrize("by_position", [False, True])
+def test_optimizer_groups_are_keyed_by_parameter_name(tmp_path: Path, by_position) -> None:
+    """Groups are saved as optim.param_groups.<first param>.*: ranks holding different modules
+    (distillation students on rank subgroups) cannot overwrite each other's groups. A checkpoint
+    with the former position keys (optim.param_groups.0.*) still loads."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    import dinosys.distributed.state_adapters as adapters
+
+    saved = _grouped_state(1, (0.5, 2.0))
+    manager = CheckpointManager(tmp_path / "ckpt")
+    original = adapters.OptimizerState.__init__
+
+    def legacy_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(self, *args, **kwargs)
+        self._groups_by_position = by_position
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(adapters.OptimizerState, "__init__", legacy_init)
+        path = manager.save(1, saved, {"seed": 0})
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    group_keys = {k for k in keys if k.startswith("optim.param_groups.")}
+    first = "optim.param_groups.0." if by_position else "optim.param_groups.backbone.0.weight."
+    assert f"{first}lr_mult" in group_keys, sorted(group_keys)
+    fresh = _grouped_state(2, (1.0, 1.0))
+    manager.load(path, fresh)
+    assert [g["lr_mult"] for g in fresh["optim"].param_groups] == [0.5, 2.0]
+    for p_saved, p_fresh in zip(saved["student"].parameters(), fresh["student"].parameters()):
+        sa, sb = saved["optim"].state[p_saved], fresh["optim"].state[p_fresh]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)

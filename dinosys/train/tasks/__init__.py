@@ -22,7 +22,7 @@ T = TypeVar("T", bound=type[TrainTask])
 
 # modules whose import registers the built-in tasks (a new task adds its module here)
 BUILTIN_TASK_MODULES = ("dinosys.train.tasks.ssl", "dinosys.train.tasks.toy",
-                        "dinosys.train.tasks.clip")
+                        "dinosys.train.tasks.clip", "dinosys.distill.task")
 
 
 def register_task(cls: T) -> T:

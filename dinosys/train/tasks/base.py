@@ -70,11 +70,21 @@ class Exportable:
     rank); ``build`` makes a fresh unsharded module of the same architecture on the CPU (rank 0
     loads the gathered weights into it; its ``model_type`` attribute picks the export code);
     ``card`` holds model-card fields (``mean``/``std``, ``objective``, ...).
+
+    ``rank`` is the global rank that writes it: the module may live on a subgroup of ranks
+    (a distillation student on its own ranks), gathered over its own mesh only, and then only
+    those ranks list it in :meth:`TrainTask.exports`. ``formats`` are the export formats
+    (``dinosys.export.EXPORTERS``; native is always written). ``evaluate``, when set, is called
+    on the writer's gathered copy (eval mode, on the CPU) before writing; its scalars go into
+    the model card (``evaluation``) and the run summary.
     """
 
     module: nn.Module
     build: Callable[[], nn.Module]
     card: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    formats: list[str] = field(default_factory=lambda: ["native"])
+    evaluate: Callable[[nn.Module], dict[str, Any]] | None = None
 
 
 class TrainTask(ABC):
@@ -105,6 +115,13 @@ class TrainTask(ABC):
     def __init__(self, cfg: RunConfig, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         self.device = env.device
+
+    @classmethod
+    def check_inputs(cls, cfg: RunConfig) -> None:
+        """Check what the schema cannot see (files the task reads, e.g. a distillation
+        teacher) before any data is built, anything is written or a model is built; raise a
+        one-line UserError. Called first by the run path, on every rank (default: nothing)."""
+        del cfg
 
     @classmethod
     def device_layout(cls, cfg: RunConfig, env: DistEnv) -> RunConfig:
@@ -197,6 +214,18 @@ class TrainTask(ABC):
         del step, applied
 
     # ---------------------------------------------------------------- outputs
+
+    def rank_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """This rank's logged scalars as the loop averages them over the world (one
+        all-reduce, so every rank must give the same keys). Default: as they are; a task whose
+        ranks train different models (students on rank subgroups) gives every key on every rank,
+        weighted so that the world mean is the value to log."""
+        return logs
+
+    def run_summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        """Task-specific fields of the run summary (``last``: the last logged record)."""
+        del last
+        return {}
 
     @abstractmethod
     def exports(self) -> dict[str, Exportable]:
