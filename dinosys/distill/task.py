@@ -351,12 +351,22 @@ class DistillTask(TrainTask):
                                    for p in (ev.knn_train, ev.knn_val))
         res = knn_eval_module(model, *self._knn_sets, ev.knn_k, ev.knn_temperature)
         out: dict[str, Any] = {f"knn_top1_k{k}": v for k, v in res["top1"].items()}
-        out["command"] = (f"dinosys eval knn --model RUN/export/<student> --train {ev.knn_train} "
+        out["command"] = (f"dinosys eval knn --model THIS_DIR --train {ev.knn_train} "
                           f"--val {ev.knn_val}")
         return out
 
-    def run_summary(self, last: dict[str, Any]) -> dict[str, Any]:
-        """The objective, the teacher and each student's last logged values."""
-        return {"mode": self.mode, "teacher": self.teacher_info,
-                "students": {n: {k.split("/", 1)[1]: v for k, v in last.items()
-                                 if k.startswith(f"{n}/")} for n in self.layout.ranges}}
+    def run_summary(self, summary: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+        """The objective, the teacher and per student: its last logged values, its export
+        (``export``) and its final kNN (``knn_top1``: k -> top-1) when evaluated."""
+        students: dict[str, dict[str, Any]] = {}
+        for name in self.layout.ranges:
+            entry = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(f"{name}/")}
+            if name in summary.get("exports", {}):
+                entry["export"] = summary["exports"][name]
+            evaluation = summary.get("evaluations", {}).get(name, {})
+            knn = {int(k.rsplit("_k", 1)[1]): v for k, v in evaluation.items()
+                   if k.startswith("knn_top1_k")}
+            if knn:
+                entry["knn_top1"] = knn
+            students[name] = entry
+        return {"mode": self.mode, "teacher": self.teacher_info, "students": students}

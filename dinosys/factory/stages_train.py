@@ -20,19 +20,8 @@ def _data_overrides(ctx: Context) -> list[str]:
 
 def run_command(command: str, recipe: str, overrides: list[str], run_dir: Path) -> dict:
     """What ``dinosys COMMAND RECIPE --out RUN_DIR OVERRIDES`` runs, returning its summary."""
-    from dinosys.train.run import run_train
-    from dinosys.train.tasks import task_for_command
-
-    if command == "distill" and task_for_command("distill") is None:
-        # distillation still runs outside TASKS (dinosys.distill.run), like `dinosys distill`
-        from dinosys.config import load_config
-        from dinosys.distill.config import DistillConfig
-        from dinosys.distill.run import check_config, run_distill
-
-        cfg = load_config(DistillConfig, recipe, overrides, kind="distill")
-        check_config(cfg)
-        return run_distill(cfg, run_dir)
     from dinosys.cli import load_command_config
+    from dinosys.train.run import run_train
 
     return run_train(load_command_config(command, recipe, overrides), run_dir)
 

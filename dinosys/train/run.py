@@ -238,7 +238,7 @@ def _run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
         summary["export"] = next(iter(exports.values()), None)
         if evaluations:
             summary["evaluations"] = evaluations
-    summary.update(task.run_summary(result.last))
+    summary.update(task.run_summary(summary, result.last))
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     if torch.cuda.is_available():
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -222,9 +222,10 @@ class TrainTask(ABC):
         weighted so that the world mean is the value to log."""
         return logs
 
-    def run_summary(self, last: dict[str, Any]) -> dict[str, Any]:
-        """Task-specific fields of the run summary (``last``: the last logged record)."""
-        del last
+    def run_summary(self, summary: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+        """Task-specific fields to add to the run summary: ``summary`` is the generic one
+        (``status``, ``exports``, ``evaluations`` ...), ``last`` the last logged record."""
+        del summary, last
         return {}
 
     @abstractmethod
