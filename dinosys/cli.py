@@ -102,7 +102,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     summary = run_demo(Path(args.out) if args.out else default_run_dir("demo"),
-                       data_dir=Path(args.data), overrides=args.overrides)
+                       data_dir=Path(args.data), overrides=args.overrides, jobs=args.jobs)
     for line in [*format_table(summary), *check_lines(summary)]:
         print(line)
     print_json(summary)
@@ -129,8 +129,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     if args.plan:
         stages = plan(cfg)
         for row in stages:
-            print(f"{row['stage']:<11} after {','.join(row['inputs']) or '-':<40} "
-                  f"{row['resources']}")
+            res = row["resources"]
+            tasks = (f"{res['gpus_per_node']} GPU task(s)" if res["gpus_per_node"]
+                     else f"{res['tasks_per_node']} CPU task(s)")
+            parts = f", {res['parts']} parts" if res["parts"] > 1 else ""
+            print(f"{row['stage']:<11} after {','.join(row['inputs']) or '-':<34} "
+                  f"{res['nodes']} node(s) x {tasks}, {res['timeout_min']} min{parts}")
         print_json({"pipeline": cfg.name, "stages": stages})
         return 0
     out = args.out or cfg.out
@@ -141,7 +145,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             raise UserError("a multi-rank stage needs --out DIR (the pipeline directory)")
         out = default_run_dir(cfg.name)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    summary = run_pipeline(cfg, Path(out), args.stage, _parse_part(args.part))
+    summary = run_pipeline(cfg, Path(out), args.stage, _parse_part(args.part), args.jobs)
     if "stages" in summary:
         for line in format_table(summary):
             print(line)
@@ -258,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "text_align -> evaluate -> export")
     p.add_argument("--out", help="pipeline directory (default: a new folder under runs/)")
     p.add_argument("--data", default="data/builtin", help="where the embedded data is built")
+    p.add_argument("--jobs", type=int, default=2, help="independent stages run at once "
+                   "(distill and text_align share the 2 cores; default: 2)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of configs/pipeline/demo.yaml")
     p.set_defaults(func=_cmd_demo)
@@ -273,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "at once; part 0 merges and records the stage)")
     p.add_argument("--plan", action="store_true", help="print the enabled stages with their "
                    "inputs and resources, run nothing")
+    p.add_argument("--jobs", type=int, default=1, help="independent stages run at once, each "
+                   "in its own process (e.g. distill and text_align; default: 1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_pipeline)
 

@@ -60,15 +60,15 @@ def _check(value: float, target: str, ok: bool) -> dict:
 
 
 def run_demo(out: Path, data_dir: Path = Path("data/builtin"),
-             overrides: Sequence[str] = ()) -> dict:
-    """Run the demo pipeline into ``out``; return (and write to ``out/summary.json``) its
-    summary with the target checks."""
+             overrides: Sequence[str] = (), jobs: int = 2) -> dict:
+    """Run the demo pipeline into ``out`` (``jobs`` independent stages at once); return (and
+    write to ``out/summary.json``) its summary with the target checks."""
     import json
 
     from dinosys.factory.runner import load_pipeline, run_pipeline
 
     cfg = load_pipeline(PIPELINE, [f"data={data_dir}", *overrides])
-    summary = run_pipeline(cfg, Path(out))
+    summary = run_pipeline(cfg, Path(out), jobs=jobs)
     summary["checks"] = demo_checks(Path(out))
     write_atomic(Path(out) / "summary.json",
                  json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")

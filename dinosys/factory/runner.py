@@ -14,6 +14,7 @@ from typing import Any
 
 from dinosys.errors import UserError
 from dinosys.factory.config import PipelineConfig
+from dinosys.factory.parallel import run_concurrently
 from dinosys.factory.record import read_record, write_record
 from dinosys.factory.stages import (
     Context,
@@ -147,13 +148,13 @@ def _cpu_seconds() -> float:
 
 
 def run_pipeline(cfg: PipelineConfig, out: Path, only: str | None = None,
-                 part: tuple[int, int] | None = None) -> dict:
-    """Every enabled stage in order (or only ``only``); writes ``OUT/summary.json`` when all
-    stages ran in this process, and returns the summary."""
+                 part: tuple[int, int] | None = None, jobs: int = 1) -> dict:
+    """Every enabled stage in order (or only ``only``), up to ``jobs`` independent stages at
+    once (:mod:`dinosys.factory.parallel`); writes ``OUT/summary.json`` when it ran the whole
+    pipeline, and returns the summary."""
     from dinosys.atomic import write_atomic
 
     out = Path(out).resolve()  # the provenance names absolute paths
-    stages = load_stages()
     if only is not None:
         if not is_enabled(cfg, get_stage(only).name):
             raise UserError(f"stage {only} is disabled in this pipeline ({only}.enabled=false)")
@@ -162,20 +163,30 @@ def run_pipeline(cfg: PipelineConfig, out: Path, only: str | None = None,
         raise UserError("--part needs --stage curate (one array task of the curation)")
     if _rank()[1] > 1:
         raise UserError("a multi-process job runs one stage: add --stage NAME")
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: need at least 1")
     out.mkdir(parents=True, exist_ok=True)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    rows = []
+    rows: list[dict] = []
+    pending = [name for name in load_stages() if is_enabled(cfg, name)]
     with LoadSampler() as load:
-        for name in stages:
-            if not is_enabled(cfg, name):
-                continue
-            c0 = _cpu_seconds()
-            row = run_stage(cfg, out, name)
-            row["cpu_seconds"] = round(_cpu_seconds() - c0, 1)
-            if row["status"] == "skipped":  # complete earlier: what it took then
-                row["recorded_seconds"] = row["record"].get("seconds")
-            rows.append(row)
-            if row["status"] == "incomplete":
+        while pending:
+            ready = [n for n in pending if not set(active_inputs(cfg, n)) & set(pending)]
+            todo = [n for n in ready if not stage_complete(cfg, out, n)]
+            if len(todo) > 1 and jobs > 1:
+                batch = todo[:jobs]
+                batch_rows = run_concurrently(cfg, out, batch)
+            else:
+                batch = [ready[0]]
+                c0 = _cpu_seconds()
+                batch_rows = [run_stage(cfg, out, batch[0])]
+                batch_rows[0]["cpu_seconds"] = round(_cpu_seconds() - c0, 1)
+            for row in batch_rows:
+                if row["status"] == "skipped":  # complete earlier: what it took then
+                    row["recorded_seconds"] = row["record"].get("seconds")
+                pending.remove(row["stage"])
+            rows += batch_rows
+            if any(r["status"] == "incomplete" for r in batch_rows):
                 break
     summary = {"pipeline": cfg.name, "out": str(out),
                "status": "finished" if all(r["status"] in ("ran", "skipped") for r in rows)

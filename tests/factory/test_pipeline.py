@@ -119,3 +119,20 @@ def test_a_killed_training_stage_resumes_from_its_checkpoint(builtin_data: Path,
     steps = [json.loads(line)["step"] for line in
              (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 30 and len(steps) == len(set(steps))  # every step logged once
+
+
+def test_independent_stages_run_at_once_with_the_same_digests(builtin_data: Path,
+                                                              tmp_path: Path) -> None:
+    # with curate off, the pool and pretraining need nothing: --jobs 2 runs them together,
+    # each as `dinosys pipeline OUT/pipeline.yaml --stage NAME`
+    config = write_mini(tmp_path / "mini.yaml", builtin_data, steps=2, extra=(
+        "pool: {kind: mnist_planted, near_duplicates: 2, contamination: 2}"))
+    out = tmp_path / "pipe"
+    first = run_pipeline(load_pipeline(str(config)), out, jobs=2)
+    assert {k: v["status"] for k, v in first["stages"].items()} == {
+        "pool": "ran", "pretrain": "ran", "export": "ran"}
+    assert (out / "pipeline.yaml").is_file()
+    assert first["stages"]["pretrain"]["cpu_seconds"] > 0
+    assert read_record(out, "pool")["images"] == 4004
+    again = run_pipeline(load_pipeline(str(config)), out)  # one process: same digests
+    assert {v["status"] for v in again["stages"].values()} == {"skipped"}
