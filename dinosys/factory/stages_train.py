@@ -19,7 +19,8 @@ def _data_overrides(ctx: Context) -> list[str]:
 
 
 def run_command(command: str, recipe: str, overrides: list[str], run_dir: Path) -> dict:
-    """What ``dinosys COMMAND RECIPE --out RUN_DIR OVERRIDES`` runs, returning its summary."""
+    """What ``dinosys COMMAND RECIPE --out RUN_DIR OVERRIDES`` runs (the task registered for
+    COMMAND, or the recipe's ``task``), returning its summary."""
     from dinosys.cli import load_command_config
     from dinosys.train.run import run_train
 

@@ -97,6 +97,7 @@ def test_chain_exports_carry_provenance_back_to_the_manifest(
     assert text["model_type"] == "clip" and "mnist/zeroshot/top1" in text["provenance"][
         "evaluation"]
     assert (out / "export" / "small" / "timm" / "model.safetensors").is_file()
+    assert (out / "export" / "text" / "onnx" / "model.onnx").is_file()
     # the readable block names every link
     assert main(["info", str(out / "export" / "small")]) == 0
     block = capsys.readouterr().out
