@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import zlib
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,7 +103,7 @@ class DistillTask(TrainTask):
         self.schedules = SSLSchedules(cfg.optim, cfg.loss, cfg.total_steps())
         self._ema: list[tuple[list, list]] | None = None
         self._flops: dict[tuple, float] = {}
-        self._knn_sets: tuple[Any, Any] | None = None
+        self._knn: Any = None  # the final kNN (a RegistryEvaluator), built at first use
         if self._wants_knn() and not cfg.eval.knn_every_n_steps:
             # the final kNN of each student reads eval.knn_*: build embedded data there too
             from dinosys.train.run import ensure_builtin_sources
@@ -341,15 +340,15 @@ class DistillTask(TrainTask):
 
     def _final_knn(self, model: nn.Module) -> dict[str, Any]:
         """kNN of an exported student on ``eval.knn_train`` / ``eval.knn_val`` (model card)."""
-        from dinosys.eval.images import load_image_folder
-        from dinosys.eval.knn import knn_eval_module
+        from dinosys.train.periodic_eval import periodic_evaluators
 
-        ev, size = self.cfg.eval, self.cfg.crops.global_size
-        if self._knn_sets is None:
-            self._knn_sets = tuple(load_image_folder(Path(p), size, self.cfg.crops.mean,
-                                                     self.cfg.crops.std)
-                                   for p in (ev.knn_train, ev.knn_val))
-        res = knn_eval_module(model, *self._knn_sets, ev.knn_k, ev.knn_temperature)
+        ev, crops = self.cfg.eval, self.cfg.crops
+        if self._knn is None:  # the registry's kNN at the crops' size; folders decoded once
+            only_knn = dataclasses.replace(ev, knn_every_n_steps=1, zeroshot_every_n_steps=0)
+            self._knn = periodic_evaluators(only_knn, crops.mean, crops.std,
+                                            crops.global_size)[0]
+        self._knn.evaluate(model, "cpu")  # the export's module, built on the CPU
+        res = self._knn.last
         out: dict[str, Any] = {f"knn_top1_k{k}": v for k, v in res["top1"].items()}
         out["command"] = (f"dinosys eval knn --model THIS_DIR --train {ev.knn_train} "
                           f"--val {ev.knn_val}")

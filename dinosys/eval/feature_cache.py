@@ -82,6 +82,7 @@ class FeatureCache:
     def __init__(self) -> None:
         self.features: dict[tuple, dict[str, Tensor]] = {}
         self.folders: dict[tuple, Any] = {}
+        self.modules: dict[int, nn.Module] = {}  # alive while their features are kept (ids)
         self.passes = 0  # extractions that ran the model
         self.served = 0  # requests answered from stored features
 
@@ -103,7 +104,13 @@ class FeatureCache:
     def store(self, module: nn.Module, images: Any, feats: dict[str, Tensor]) -> None:
         """Keep ``feats`` (beside anything stored for the same module and images)."""
         self.passes += 1
+        self.modules[id(module)] = module
         self.features.setdefault((id(module), _images_key(images)), {}).update(feats)
+
+    def forget_features(self) -> None:
+        """Drop the features (the weights are about to change), keep the decoded folders."""
+        self.features.clear()
+        self.modules.clear()
 
     def folder(self, root: Path, size: int, mean: tuple, std: tuple,
                load: Callable[[], Any]) -> Any:
@@ -123,10 +130,11 @@ def active_cache() -> FeatureCache | None:
 
 
 @contextmanager
-def shared_features() -> Iterator[FeatureCache]:
-    """Share extracted features and decoded folders between evaluations inside the block."""
+def shared_features(cache: FeatureCache | None = None) -> Iterator[FeatureCache]:
+    """Share extracted features and decoded folders between evaluations inside the block
+    (in ``cache``, e.g. one that keeps decoded folders from an earlier block; else a new one)."""
     global _active
-    outer, _active = _active, FeatureCache()
+    outer, _active = _active, cache if cache is not None else FeatureCache()
     try:
         yield _active
     finally:

@@ -85,15 +85,14 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
     return result
 
 
-def knn_on_sets(model: EvalModel, train: ImageSet, val: ImageSet, cfg: KnnConfig,
-                progress: bool = True) -> dict:
+def knn_on_sets(model: EvalModel, train: ImageSet, val: ImageSet, cfg: KnnConfig) -> dict:
     """kNN accuracy of ``model`` on two loaded image sets with the same classes."""
     module = model.module
     kind = _kind(module, cfg)
     with frozen(module):
         feats = [F.normalize(extract_features(
             module, images, [kind], cfg.batch_size, model.device,
-            f"knn {split} features" if progress else None)[kind], dim=-1)
+            f"knn {split} features")[kind], dim=-1)
             for split, images in (("train", train), ("val", val))]
     tf, vf = feats
     result = knn_accuracy(tf, train.labels, vf, val.labels, len(train.classes), cfg.k,
@@ -128,21 +127,6 @@ def run(model: EvalModel, cfg: KnnConfig) -> dict:
                   image_size=model.image_size, seconds=round(time.perf_counter() - t0, 2))
     log.info("kNN top-1 %s on %d val images", result["top1"], result["n_val"])
     return result
-
-
-def knn_eval_module(model: nn.Module, train: ImageSet, val: ImageSet, ks: Sequence[int] = (10, 20),
-                    temperature: float = 0.07, batch_size: int = 256,
-                    device: torch.device | str = "cpu", progress: bool = False) -> dict:
-    """kNN accuracy of an in-memory backbone on two loaded image sets (same class names)."""
-    if train.classes != val.classes:
-        raise UserError(f"train and val folders have different classes: {train.classes} vs "
-                        f"{val.classes}")
-    cfg = KnnConfig(train="", val="", k=list(ks), temperature=temperature,
-                    batch_size=batch_size)
-    cfg.validate()
-    eval_model = EvalModel(model, type(model).__name__, train.size, train.mean, train.std,
-                           torch.device(device))
-    return knn_on_sets(eval_model, train, val, cfg, progress)
 
 
 def run_knn(model: str | nn.Module, train: Path, val: Path, ks: Sequence[int] = (10, 20),

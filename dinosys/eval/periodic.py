@@ -4,7 +4,10 @@
 ``every_n_steps`` and ``last`` (the full result of the latest call): what the training loop calls
 every so many steps, on every rank (the evaluator shards its feature extraction over the ranks).
 It evaluates the task's main export (``task.exports()``, first entry) in eval mode and restores
-the module's mode afterwards.
+the module's mode afterwards. The evaluation folders are decoded once, at the first call, and kept
+(:mod:`dinosys.eval.feature_cache`); features are extracted afresh at every call and dropped
+after it. The training configs' ``eval.*`` keys become these evaluators in
+:func:`dinosys.train.periodic_eval.build_periodic_evaluators`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dinosys.eval.feature_cache import FeatureCache, shared_features
 from dinosys.eval.models import EvalModel, model_image_size
 from dinosys.eval.registry import get_evaluator
 
@@ -24,19 +28,25 @@ class RegistryEvaluator:
 
     def __init__(self, evaluator: str, config: Any, every_n_steps: int,
                  mean: tuple[float, ...], std: tuple[float, ...],
-                 name: str | None = None) -> None:
+                 name: str | None = None, image_size: int | None = None) -> None:
         self.evaluator = get_evaluator(evaluator)
         self.config = config
         self.every_n_steps = every_n_steps
         self.mean, self.std = tuple(mean), tuple(std)
+        self.image_size = image_size  # None: the model's own (model_image_size)
         self.name = name or evaluator
         self.last: dict[str, Any] | None = None
+        self.cache = FeatureCache()  # decoded folders, kept between calls
 
     def evaluate(self, module: nn.Module, device: torch.device | str) -> dict[str, float]:
         """The evaluator on ``module`` (its mode is restored); returns the logged scalars."""
-        model = EvalModel(module, self.name, model_image_size(module), self.mean, self.std,
-                          torch.device(device))
-        self.last = self.evaluator.run(model, self.config)
+        model = EvalModel(module, self.name, self.image_size or model_image_size(module),
+                          self.mean, self.std, torch.device(device))
+        with shared_features(self.cache):
+            try:
+                self.last = self.evaluator.run(model, self.config)
+            finally:
+                self.cache.forget_features()  # the weights change before the next call
         return {f"{self.name}/{k}": float(v) for k, v in self.last.get("metrics", {}).items()}
 
     def __call__(self, task: Any, step: int) -> dict[str, float]:

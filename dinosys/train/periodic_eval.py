@@ -2,14 +2,15 @@
 
 The loop only knows :class:`PeriodicEvaluator`: a callable ``(task, step) -> metrics`` with a
 ``name`` and an ``every_n_steps``. ``build_periodic_evaluators`` makes the ones a run config asks
-for (today the weighted kNN on image folders, on the task's main export).
+for, each a registered evaluator (:class:`dinosys.eval.periodic.RegistryEvaluator`: the same
+code as ``dinosys eval NAME``) on the task's main export: ``eval.knn_*`` the weighted kNN
+(logged as ``knn/top1_k<k>``), ``eval.zeroshot_*`` the zero-shot classification.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dinosys.config import ConfigError, Section, check_bounds
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class PeriodicEvalConfig(Section):
-    """kNN evaluation during training (collapse watch)."""
+    """Evaluations during training (kNN: a collapse watch; zero-shot for image-text models)."""
 
     knn_every_n_steps: int = 0  # 0: off
     knn_train: str | None = None  # kNN reference folder DIR/<class>/<image> (periodic kNN)
@@ -52,60 +53,39 @@ class PeriodicEvaluator(Protocol):
         """Evaluate the task's current model; returns the scalars to log (metrics.jsonl)."""
 
 
-class KnnEvaluator:
-    """Weighted kNN top-1 of the task's main exported model (its live, possibly sharded module)
-    on two image folders ``DIR/<class>/<image>``."""
-
-    name = "knn"
-
-    def __init__(self, every_n_steps: int, train: Any, val: Any, ks: Sequence[int],
-                 temperature: float) -> None:
-        self.every_n_steps = every_n_steps
-        self.train, self.val, self.ks, self.temperature = train, val, list(ks), temperature
-        self.last: dict[str, Any] | None = None
-
-    def __call__(self, task: TrainTask, step: int) -> dict[str, float]:
-        """kNN on the current weights; logs ``knn_top1/<k>``."""
-        from dinosys.eval.knn import knn_eval_module
-
-        module = next(iter(task.exports().values())).module
-        self.last = knn_eval_module(module, self.train, self.val, self.ks, self.temperature,
-                                    device=task.device)
-        return {f"knn_top1/{k}": v for k, v in self.last["top1"].items()}
-
-
 def build_periodic_evaluators(cfg: RunConfig, task: TrainTask) -> list[PeriodicEvaluator]:
-    """The evaluators ``cfg.eval`` turns on, set up for ``task``'s main export."""
-    ev = cfg.eval
+    """The evaluators ``cfg.eval`` turns on: registry evaluators
+    (:class:`dinosys.eval.periodic.RegistryEvaluator`) on ``task``'s main export."""
+    from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
+
+    main = next(iter(task.exports().values()))
+    return periodic_evaluators(cfg.eval, main.card.get("mean", IMAGENET_MEAN),
+                               main.card.get("std", IMAGENET_STD))
+
+
+def periodic_evaluators(ev: PeriodicEvalConfig, mean: Sequence[float], std: Sequence[float],
+                        image_size: int | None = None) -> list[PeriodicEvaluator]:
+    """``eval.knn_*`` -> the registry's ``knn``, ``eval.zeroshot_*`` -> ``zeroshot``, each
+    every so many steps, with the model's normalisation (and ``image_size``; None: the
+    model's own)."""
+    from dinosys.eval.periodic import RegistryEvaluator
+    from dinosys.eval.registry import get_evaluator
+
     evaluators: list[PeriodicEvaluator] = []
     if ev.knn_every_n_steps:
         if not (ev.knn_train and ev.knn_val):
             raise UserError("eval.knn_every_n_steps > 0 needs eval.knn_train and eval.knn_val "
                             "(image folders DIR/<class>/<image>)")
-        from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
-        from dinosys.eval.images import load_image_folder
-        from dinosys.eval.models import model_image_size
-
-        main = next(iter(task.exports().values()))
-        size = model_image_size(main.module)
-        mean = main.card.get("mean", IMAGENET_MEAN)
-        std = main.card.get("std", IMAGENET_STD)
-        train = load_image_folder(Path(ev.knn_train), size, mean, std)
-        val = load_image_folder(Path(ev.knn_val), size, mean, std)
-        evaluators.append(KnnEvaluator(ev.knn_every_n_steps, train, val, ev.knn_k,
-                                       ev.knn_temperature))
+        knn = get_evaluator("knn").make_config(train=ev.knn_train, val=ev.knn_val,
+                                               k=list(ev.knn_k), temperature=ev.knn_temperature)
+        evaluators.append(RegistryEvaluator("knn", knn, ev.knn_every_n_steps, tuple(mean),
+                                            tuple(std), image_size=image_size))
     if ev.zeroshot_every_n_steps:
         if not ev.zeroshot_val:
             raise UserError("eval.zeroshot_every_n_steps > 0 needs eval.zeroshot_val (an image "
                             "folder DIR/<class>/<image>)")
-        from dinosys.constants import IMAGENET_MEAN, IMAGENET_STD
-        from dinosys.eval.periodic import RegistryEvaluator
-        from dinosys.eval.registry import get_evaluator
-
-        main = next(iter(task.exports().values()))
         zs = get_evaluator("zeroshot").make_config(val=ev.zeroshot_val,
                                                    templates=ev.zeroshot_templates)
         evaluators.append(RegistryEvaluator("zeroshot", zs, ev.zeroshot_every_n_steps,
-                                            main.card.get("mean", IMAGENET_MEAN),
-                                            main.card.get("std", IMAGENET_STD)))
+                                            tuple(mean), tuple(std), image_size=image_size))
     return evaluators

@@ -179,3 +179,24 @@ def test_checkpoint_and_exports(reference: Path, teacher_run: Path) -> None:
         ema = load_backbone_state(reference / "checkpoints" / f"step_{STEPS:08d}", f"ema_{name}")
         for key, value in model.state_dict().items():
             torch.testing.assert_close(value, ema[key])
+
+
+def test_periodic_knn_of_the_students(teacher_run: Path, builtin_data: Path,
+                                      tmp_path: Path) -> None:
+    """eval.knn_every_n_steps: the registry's kNN (the trainer's one periodic-evaluation path)
+    on the first student's EMA, logged as knn/top1_k<k>; each student's final kNN in its card."""
+    data = tmp_path / "digits"
+    for split, per_class in (("train", 10), ("val", 4)):
+        for c in ("0", "1", "2"):
+            (data / split / c).mkdir(parents=True)
+            for path in sorted((builtin_data / "digits" / split / c).iterdir())[:per_class]:
+                shutil.copy(path, data / split / c / path.name)
+    run = tmp_path / "run"
+    summary = ok(distill(run, teacher_run, builtin_data, 1, 8, None,
+                         "eval.knn_every_n_steps=3", "eval.knn_k=[3]",
+                         f"eval.knn_train={data / 'train'}", f"eval.knn_val={data / 'val'}"))
+    assert summary["status"] == "finished"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "knn/top1_k3" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert "knn_top1_k3" in (run / "export" / "s" / "README.md").read_text()

@@ -104,3 +104,33 @@ def test_missing_builtin_knn_folders_are_built(tiny_cfg, tmp_path: Path) -> None
                    f"eval.knn_val={root / 'mnist' / 'val'}")
     with pytest.raises(UserError, match="eval.knn_train not found"):
         ensure_builtin_sources(cfg, DistEnv())
+
+
+def test_periodic_knn_runs_through_the_evaluator_registry(tiny_cfg, builtin_data: Path,
+                                                         tmp_path: Path, monkeypatch) -> None:
+    """The SSL config's eval.knn_* keys become the registry's kNN (the code of `dinosys eval
+    knn`): logged as knn/top1_k<k> every N steps, its folders decoded once for all calls, the
+    last result in the summary and the model card."""
+    import dinosys.eval.images as images
+
+    data = tmp_path / "digits"
+    for split, per_class in (("train", 10), ("val", 4)):
+        for c in ("0", "1", "2"):
+            (data / split / c).mkdir(parents=True)
+            for path in sorted((builtin_data / "digits" / split / c).iterdir())[:per_class]:
+                shutil.copy(path, data / split / c / path.name)
+    loads: list[Path] = []
+    load = images._load_image_folder
+    monkeypatch.setattr(images, "_load_image_folder",
+                        lambda root, *a: loads.append(Path(root)) or load(root, *a))
+    run = tmp_path / "run"
+    summary = run_train(tiny_cfg("max_steps=4", "eval.knn_every_n_steps=2", "eval.knn_k=[3]",
+                                 f"eval.knn_train={data / 'train'}",
+                                 f"eval.knn_val={data / 'val'}"), run)
+    evals = [r for r in read_metrics(run) if "knn/top1_k3" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0.0 <= r["knn/top1_k3"] <= 1.0 for r in evals)
+    assert summary["knn_top1"] == {"3": evals[-1]["knn/top1_k3"]}
+    assert sorted(loads) == [data / "train", data / "val"]  # decoded once, used twice
+    card = (run / "export" / "teacher" / "README.md").read_text()
+    assert "knn_top1_during_training" in card
