@@ -183,6 +183,21 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
         env.shutdown()
 
 
+def build_task_same_on_every_rank(cfg: RunConfig, env: DistEnv) -> TrainTask:
+    """The task with rank 0's initial weights on every rank (the run seeds ``seed + rank``).
+
+    FSDP2 does not broadcast weights: each rank keeps its shard of its own init, and with
+    ``dist.fsdp: false`` (a replicate mesh) the replicas would start, and stay, different.
+    Other ranks build under rank 0's seed, then go back to their own random stream; rank 0
+    (and a single process) builds exactly as before.
+    """
+    if env.rank == 0:
+        return build_task(cfg, env)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # what seed_everything(cfg.seed, 0) gave rank 0
+        return build_task(cfg, env)
+
+
 def _run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     t0 = time.perf_counter()
     _setup_logging(env)
@@ -196,7 +211,7 @@ def _run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
     log.info("%d intra-op threads per rank", threads)
     seed_everything(cfg.seed, env.rank)
     cfg = get_task(cfg.task).device_layout(cfg, env)  # e.g. one GPU: no FSDP2 if it fits
-    task = build_task(cfg, env)
+    task = build_task_same_on_every_rank(cfg, env)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     task.shard()

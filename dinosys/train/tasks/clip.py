@@ -85,12 +85,7 @@ class ClipTask(TrainTask):
     def __init__(self, cfg: ClipRunConfig, env) -> None:  # noqa: ANN001 - DistEnv
         super().__init__(cfg, env)
         self.model_cfg = model_config_for(cfg)
-        # the same initial weights on every rank and for every world size (the run seeds
-        # seed + rank): FSDP2 keeps each rank's shard of its own init, and a replicated mesh
-        # (dist.fsdp: false) would otherwise start its replicas from different weights
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model: CLIPModel = build_clip_model(self.model_cfg)
+        self.model: CLIPModel = build_clip_model(self.model_cfg)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"clip": self.model}
