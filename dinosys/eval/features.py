@@ -27,7 +27,8 @@ every rank, in the order of the image set.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,9 +152,25 @@ def progress_bar(total: int, desc: str | None, unit: str) -> Any:
     return bar(total=total, desc=desc, unit=unit, leave=False)
 
 
+_unsharded = False
+
+
+@contextmanager
+def unsharded() -> Iterator[None]:
+    """Evaluations inside run in this process alone, without collectives, as if it were the
+    only rank: for a model that one rank evaluates (an export on its writer rank)."""
+    global _unsharded
+    outer, _unsharded = _unsharded, True
+    try:
+        yield
+    finally:
+        _unsharded = outer
+
+
 def shard_layout() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world size) of the default process group, (0, 1) without one or inside
+    :func:`unsharded`."""
+    if not _unsharded and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

@@ -123,7 +123,10 @@ def export_task(task: TrainTask, run_dir: Path, env: DistEnv, card: dict
             model.eval()
             item_card = {**card, **item.card, "exported": name}
             if item.evaluate is not None:
-                evaluations[name] = item.evaluate(model)
+                from dinosys.eval.features import unsharded
+
+                with unsharded():  # only this rank evaluates: no collectives
+                    evaluations[name] = item.evaluate(model)
                 item_card["evaluation"] = evaluations[name]
             export_model(model, out, formats=list(item.formats), card=item_card)
         paths[name] = str(out)

@@ -181,10 +181,14 @@ def test_checkpoint_and_exports(reference: Path, teacher_run: Path) -> None:
             torch.testing.assert_close(value, ema[key])
 
 
-def test_periodic_knn_of_the_students(teacher_run: Path, builtin_data: Path,
-                                      tmp_path: Path) -> None:
+@pytest.mark.dist
+def test_periodic_and_final_knn_of_the_students_on_two_ranks(teacher_run: Path,
+                                                             builtin_data: Path,
+                                                             tmp_path: Path) -> None:
     """eval.knn_every_n_steps: the registry's kNN (the trainer's one periodic-evaluation path)
-    on the first student's EMA, logged as knn/top1_k<k>; each student's final kNN in its card."""
+    on the first student's EMA, extraction sharded over both ranks, logged as knn/top1_k<k>;
+    each student's final kNN runs on its writer rank alone (no collectives: it used to abort
+    in a mismatched gloo collective) and lands in its card."""
     data = tmp_path / "digits"
     for split, per_class in (("train", 10), ("val", 4)):
         for c in ("0", "1", "2"):
@@ -192,11 +196,12 @@ def test_periodic_knn_of_the_students(teacher_run: Path, builtin_data: Path,
             for path in sorted((builtin_data / "digits" / split / c).iterdir())[:per_class]:
                 shutil.copy(path, data / split / c / path.name)
     run = tmp_path / "run"
-    summary = ok(distill(run, teacher_run, builtin_data, 1, 8, None,
+    summary = ok(distill(run, teacher_run, builtin_data, 2, 4, None,
                          "eval.knn_every_n_steps=3", "eval.knn_k=[3]",
                          f"eval.knn_train={data / 'train'}", f"eval.knn_val={data / 'val'}"))
-    assert summary["status"] == "finished"
+    assert summary["status"] == "finished" and summary["world_size"] == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "knn/top1_k3" in r]
     assert [r["step"] for r in evals] == [3, 6]
-    assert "knn_top1_k3" in (run / "export" / "s" / "README.md").read_text()
+    for name in ("s", "b"):
+        assert "knn_top1_k3" in (run / "export" / name / "README.md").read_text()
