@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from dinosys.data.tokenizer import ClipTokenizer
 from dinosys.errors import UserError
 from dinosys.eval.images import IMAGENET_MEAN, IMAGENET_STD
 from dinosys.export.open_clip import (
@@ -45,6 +46,16 @@ def test_open_clip_loads_the_folder_and_matches(tmp_path, arch, bias):
     with torch.no_grad():
         torch.testing.assert_close(ref.encode_image(x, normalize=True), model.encode_image(x),
                                    atol=1e-5, rtol=0)
+    # the tokenizer the model card names gives our tokens (long texts cut, end-of-text kept)
+    import open_clip
+
+    texts = ["a photo of a cat", "Ünïcødé, punctuation!? " * 40]
+    theirs = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'open_clip'}")(texts)
+    ours = ClipTokenizer(TEXT.context_length)(texts)
+    assert torch.equal(theirs, ours) and int(ours[1, -1]) == 49407
+    with torch.no_grad():
+        torch.testing.assert_close(ref.encode_text(theirs, normalize=True),
+                                   model.encode_text(ours), atol=1e-5, rtol=0)
 
 
 def test_inexpressible_towers_say_why(tmp_path):
