@@ -14,7 +14,8 @@ from launch.jobs import PreparedJob
 from launch.params import slurm_parameters
 
 JOB_ID = "<job id>"  # how a run directory's %j / %A placeholder is shown before submission
-CONFIG_KIND = {"train": "train", "clip": "clip", "distill": "distill", "curate": "curation"}
+CONFIG_KIND = {"train": "train", "clip": "clip", "distill": "distill", "curate": "curation",
+               "pipeline": "pipeline"}
 
 
 def shown_run_dir(template: str) -> str:

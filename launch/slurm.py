@@ -137,3 +137,24 @@ def start_now(job_id: str, attempts: int = 5) -> bool:
         time.sleep(0.5)
     log.info("could not move the start of job %s forward: %s", job_id, _first_line(res.stderr))
     return False
+
+
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
+                 "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+
+
+def test_only(script: str) -> str | None:
+    """``sbatch --test-only`` of an sbatch script: None when Slurm would accept the job, else
+    its refusal in one line (no GPU on the partition, more nodes than it has, a time limit
+    above its maximum...). Nothing is queued."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as fh:
+        fh.write(script)
+        fh.flush()
+        res = _run(["sbatch", "--test-only", fh.name])
+    if res.returncode == 0:
+        return None
+    lines = [line.strip() for line in res.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or "failure" in line.lower()]
+    return "; ".join(dict.fromkeys(errors or lines[-1:])) or f"exit code {res.returncode}"

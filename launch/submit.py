@@ -6,6 +6,7 @@
         --partition debug --timeout-min 10 -- mnist_tiny_cpu
     python launch/submit.py train --local --tasks-per-node 2 -- mnist_tiny_cpu
     python launch/submit.py curate --parts 8 --gpus-per-node 1 -- my_curation.yaml
+    python launch/submit.py pipeline --partition gpu -- my_factory   # a job per stage, afterok
 
 Everything is checked before anything is queued (Slurm reachable, partition known, config valid);
 a problem ends with one line on stderr and exit code 2. A training job gets one task per GPU (per
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit a dinosys job to Slurm (submitit) or run it here with --local. "
         "The job's CONFIG and key=value overrides follow `--`.",
     )
-    p.add_argument("kind", choices=JOB_KINDS, help="what to run")
+    p.add_argument("kind", choices=(*JOB_KINDS, "pipeline"),
+                   help="what to run (pipeline: every stage of a pipeline config as its own "
+                   "job, sized by the config's STAGE.resources, see docs/launch.md)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (sbatch --nodes; default: 1)")
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="GPUs per node; one task per GPU (default: 0, CPU-only: see "
@@ -277,6 +280,19 @@ def run_local(args: argparse.Namespace, jobs: list[PreparedJob], argv: Sequence[
             "result": last["result"], "stages": [r["stage"] for r in results]}
 
 
+def run_pipeline(args: argparse.Namespace, own: Sequence[str], job_args: Sequence[str],
+                 record: Sequence[str]) -> dict:
+    """``submit.py pipeline``: every stage of the pipeline config as its own job (Slurm,
+    ``--dry-run``) or one after the other here (``--local``); launch/pipeline_submit.py."""
+    from launch.pipeline import check_stage_flags
+    from launch.pipeline_submit import run_pipeline_local, submit_pipeline
+
+    check_stage_flags(own)
+    if args.local:
+        return run_pipeline_local(args, job_args, record)
+    return submit_pipeline(args, job_args, record)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, validate, submit (or run locally); prints one JSON line."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -288,10 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.local and args.dry_run:
             raise UserError("--dry-run prints the Slurm submission; it does not combine with "
                             "--local")
-        parts = default_parts(args) if args.kind == "curate" else 1
-        jobs = prepare_jobs(args.kind, job_args, parts=parts)
-        summary = (run_local(args, jobs, record) if args.local
-                   else submit_slurm(args, jobs, record, job_args))
+        if args.kind == "pipeline":
+            summary = run_pipeline(args, own, job_args, record)
+        else:
+            parts = default_parts(args) if args.kind == "curate" else 1
+            jobs = prepare_jobs(args.kind, job_args, parts=parts)
+            summary = (run_local(args, jobs, record) if args.local
+                       else submit_slurm(args, jobs, record, job_args))
     except (UserError, NotAvailableError) as exc:
         if args.debug:
             raise
