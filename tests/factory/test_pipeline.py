@@ -136,3 +136,22 @@ def test_independent_stages_run_at_once_with_the_same_digests(builtin_data: Path
     assert read_record(out, "pool")["images"] == 4004
     again = run_pipeline(load_pipeline(str(config)), out)  # one process: same digests
     assert {v["status"] for v in again["stages"].values()} == {"skipped"}
+
+
+@pytest.mark.dist
+def test_a_training_stage_runs_on_every_rank_of_a_torchrun_job(mini_config: Path,
+                                                               tmp_path: Path) -> None:
+    from tests.train.test_dist_train import torchrun
+
+    out = tmp_path / "pipe"
+    args = ["-m", "dinosys.cli", "pipeline", str(mini_config), "--out", str(out)]
+    proc = torchrun([*args, "--stage", "pretrain"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = read_record(out, "pretrain")
+    assert record["summary"]["world_size"] == 2 and record["steps"] == 4
+    statuses = sorted(json.loads(line)["status"] for line in proc.stdout.splitlines()
+                      if line.startswith("{"))
+    assert statuses == ["part", "ran"]  # rank 0 records, rank 1 only trains
+    refused = torchrun([*args, "--stage", "export"], timeout=120)
+    # each rank exits 2 with the one-line error; torchrun itself then reports a failure
+    assert refused.returncode != 0 and "runs in one process; it got 2 ranks" in refused.stderr
