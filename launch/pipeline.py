@@ -70,8 +70,11 @@ def run_stage_work(cfg: object, stage: str, ctx: TaskContext) -> dict:
     from dinosys.factory.runner import run_pipeline
 
     summary = run_pipeline(cfg, ctx.run_dir, stage)  # type: ignore[arg-type]
-    return {**summary, "stage_status": summary.get("status"),
-            "status": stage_status(summary)}
+    result = {**summary, "stage_status": summary.get("status"), "status": stage_status(summary)}
+    if result["status"] == "preempted":  # where it stopped, for the job log's one line
+        record = summary.get("record") or {}
+        result.update(step=record.get("step"), checkpoint=record.get("checkpoint"))
+    return result
 
 
 def run_curate_step_work(cfg: object, step: str, parts: int, ctx: TaskContext) -> dict:

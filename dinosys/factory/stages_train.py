@@ -38,7 +38,8 @@ def teacher_of(ctx: Context) -> dict | None:
 
 def _record(ctx: Context, name: str, summary: dict, run_dir: Path) -> dict:
     if summary.get("status") != "finished":  # preempted: the requeued job resumes it
-        return {"incomplete": True, "status": summary.get("status")}
+        return {"incomplete": True, "status": summary.get("status"),
+                "step": summary.get("step"), "checkpoint": summary.get("checkpoint")}
     return {"run_dir": str(run_dir), "config_sha256": sha256_file(run_dir / "config.yaml"),
             "recipe": getattr(ctx.cfg, name).recipe, "steps": summary.get("step"),
             "status": "finished", "summary": summary}

@@ -13,7 +13,7 @@ import pytest
 from pipeline_tiny import write_tiny_pipeline
 
 from dinosys.errors import UserError
-from launch.pipeline import check_resources, check_stage_flags, topological
+from launch.pipeline import check_resources, check_stage_flags, stage_status, topological
 from launch.submit import main
 
 
@@ -60,6 +60,21 @@ def test_stages_come_after_their_inputs_and_cycles_or_unknown_inputs_are_refused
                      _row("evaluate", "pretrain")])
     with pytest.raises(UserError, match="stage distill reads unknown stage 'teacher'"):
         topological([_row("pretrain"), _row("distill", "teacher")])
+
+
+def test_a_stage_job_requeues_only_a_preempted_training_stage_and_fails_otherwise() -> None:
+    """The status a stage job's task returns (what launch.task.Task acts on): finished for a
+    stage that ran, was complete or did its part; preempted (-> checkpoint was saved, requeue)
+    for a training stage stopped by USR2; anything else fails the job (dependents never
+    start)."""
+    for status in ("ran", "skipped", "part"):
+        assert stage_status({"stage": "pretrain", "status": status}) == "finished"
+    assert stage_status({"stage": "pretrain", "status": "incomplete",
+                         "record": {"incomplete": True, "status": "preempted"}}) == "preempted"
+    with pytest.raises(RuntimeError, match="stage distill did not finish: status incomplete "
+                       r"\(diverged\)"):
+        stage_status({"stage": "distill", "status": "incomplete",
+                      "record": {"incomplete": True, "status": "diverged"}})
 
 
 def test_resources_a_stage_cannot_use_are_refused() -> None:

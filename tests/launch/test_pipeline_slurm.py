@@ -49,8 +49,9 @@ def test_pipeline_runs_every_stage_in_order_resumes_a_preempted_stage_and_skips_
 
     config = write_tiny_pipeline(tmp_path / "cfg", builtin_data, pretrain_steps=40)
     run = tmp_path / "run"
+    # pretraining on 2 Slurm tasks (gloo): the preemption is collective
     res = _submit("--partition", "debug", "--max-requeues", "2", "--out", str(run), "--",
-                  str(config))
+                  str(config), "pretrain.resources.tasks_per_node=2")
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout.splitlines()[-1])
     jobs = json.loads((run / "submission" / "job.json").read_text())["jobs"]
@@ -83,7 +84,9 @@ def test_pipeline_runs_every_stage_in_order_resumes_a_preempted_stage_and_skips_
     # preempted at a step boundary, resumed from its checkpoint: every step exactly once
     assert _steps(run / "pretrain") == list(range(1, 41))
     err = (run / "submitit" / f"{stage_job['pretrain']}_0_log.err").read_text()
-    assert "requeued Slurm job" in err
+    assert "requeued Slurm job" in err and "2 ranks on cpu" in err
+    assert "preempted at step " in err and "checkpoint saved (" in err
+    assert jobs[7]["tasks"] == 2
     fields = {s: slurm.job_fields(stage_job[s]) for s in STAGES}
     for job in jobs[:6]:  # every curation array task ran its part
         for index in (0, 1):
@@ -103,7 +106,8 @@ def test_pipeline_runs_every_stage_in_order_resumes_a_preempted_stage_and_skips_
     assert (run / "export" / "text" / "config.json").is_file()
 
     # a rerun submits nothing: every stage is complete
-    again = _submit("--partition", "debug", "--out", str(run), "--", str(config))
+    again = _submit("--partition", "debug", "--out", str(run), "--", str(config),
+                    "pretrain.resources.tasks_per_node=2")
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout.splitlines()[-1])
     assert summary["job_ids"] == [] and summary["complete"] == STAGES
