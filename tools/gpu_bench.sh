@@ -5,12 +5,15 @@
 # summary, the same-run timm baseline, and a ViT-g batch sweep. Every run has its own timeout;
 # the whole matrix stays under GPU_BENCH_SECONDS (default 420 s) of wall time.
 #
-# Results go to ${OUT:-gpu-results} as six files: device.txt, tests.log, bench.log (all
-# output), results.jsonl (one bench_train JSON per line, profile included), profiles.txt, and
+# Results go to ${OUT:-gpu-results} as seven files: device.txt, tests.log, bench.log (all
+# output), clip.json (tools/bench_clip.py's JSON), results.jsonl (one bench_train JSON per line,
+# profile included), profiles.txt, and
 # summary.md (tools/gpu_bench_report.py: the tables for benchmarks/results/).
 #
-# On the lent device machine: carry .whl (omegaconf, simplejpeg, webdataset, braceexpand wheels
-# for its Python 3.12; torch, timm, numpy, pyyaml are there) and run `bash tools/gpu_bench.sh`.
+# On the lent device machine: carry .whl (omegaconf, simplejpeg, webdataset, braceexpand,
+# open_clip_torch, ftfy, wcwidth wheels for its Python 3.12; torch, timm, transformers, numpy,
+# pyyaml are there) and run `bash tools/gpu_bench.sh`. clip.json holds the CLIP step next to
+# open_clip's (issue 14's GPU target).
 # Rehearsal on a CPU: GPU_BENCH_TINY=1 bash tools/gpu_bench.sh (vit_tiny sizes, same steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,12 +93,29 @@ timeout 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/train/test_host_syn
   tests/models/test_backends_and_training.py > "$OUT/tests.log" 2>&1
 echo "gpu tests: rc $? ($(tail -n 1 "$OUT/tests.log"))" | tee -a "$LOG"
 
+# clip_bench SECONDS ARGS...: our CLIP training step next to open_clip's, same towers and batch
+clip_bench() {
+  local limit=$1; shift
+  local remaining; remaining=$(left)
+  if [ "$remaining" -lt 20 ]; then
+    echo "## clip: skipped, ${remaining}s left of the ${BUDGET}s budget" | tee -a "$LOG"
+    return
+  fi
+  [ "$limit" -gt "$remaining" ] && limit=$remaining
+  echo "## clip (limit ${limit}s): bench_clip.py $*" | tee -a "$LOG"
+  timeout --signal=TERM --kill-after=10 "$limit" $PY tools/bench_clip.py "$@" \
+    > "$WORK/clip.out" 2>> "$LOG"
+  echo "=> clip: rc $? $(tail -n 1 "$WORK/clip.out")" | tee -a "$LOG"
+  tail -n 1 "$WORK/clip.out" > "$OUT/clip.json"
+}
+
 if [ "$TINY" = 1 ]; then
   T=(--config mnist_tiny_cpu heads.n_prototypes=256 heads.hidden_dim=128
      heads.bottleneck_dim=64 crops.n_local=2 model.drop_path_rate=0.4 --warmup 1 --steps 2)
   bench tiny_eager 120 "${T[@]}" --batch-size 4 --pack --profile 1 --timm-baseline
   bench tiny_compile 240 "${T[@]}" --batch-size 4 --pack --compile
   bench tiny_bs8 120 "${T[@]}" --batch-size 8 --pack
+  clip_bench 120 --size tiny --batch 8 --rounds 1 --steps 1 --warmup 1
 else
   R=(--dtype bf16 --warmup 3 --steps 6)
   # 2. ViT-g/14 recipe, eager + packing: the honest MFU, where the time goes, timm alongside
@@ -106,7 +126,9 @@ else
   bench l32_compile 130 --config vitl14 "${R[@]}" --batch-size 32 --pack --compile --timm-baseline
   # 5. packing's share: the first run without it
   bench g12_eager_nopack 60 --config vitg14 "${R[@]}" --batch-size 12
-  # 6. ViT-g batch sweep (eager, packed) as time allows
+  # 6. CLIP: ViT-B/16 image tower + 12-layer text tower, ours vs open_clip (issue 14: >= 1.3x)
+  clip_bench 90 --size b16 --dtype bf16 --batch 256
+  # 7. ViT-g batch sweep (eager, packed) as time allows
   for bs in 24 48 32; do
     bench g${bs}_eager 60 --config vitg14 "${R[@]}" --batch-size $bs --pack
   done

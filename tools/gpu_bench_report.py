@@ -61,7 +61,20 @@ def report(out_dir: Path) -> str:
                             for t in prof["top"][:5])
             lines.append(f"\n{r['run']} profile ({prof['wall_ms_per_step']:.1f} ms/step): "
                          f"{shares}. Top: {top}")
+    lines += clip_lines(out_dir / "clip.json")
     return "\n".join(lines) + "\n"
+
+
+def clip_lines(path: Path) -> list[str]:
+    """The CLIP step line (tools/bench_clip.py's JSON), or why there is none."""
+    text = path.read_text().strip() if path.exists() else ""
+    try:
+        c = json.loads(text)
+    except json.JSONDecodeError:
+        return [f"\nclip: no result ({text[:200] or 'clip.json missing or empty'})"]
+    return [f"\nclip step ({c['size']}, batch {c['batch']}, {c['dtype']}, {c['device']}): ours "
+            f"{c['samples_per_s']['ours']} samples/s, open_clip {c['samples_per_s']['open_clip']}"
+            f", ratio {c['ratio']} (target >= 1.3 on a GPU)"]
 
 
 def main(argv: list[str] | None = None) -> int:

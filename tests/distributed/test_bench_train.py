@@ -63,6 +63,13 @@ def test_bench_packed_profiled_cpu(tmp_path: Path) -> None:
                              str(tmp_path)], capture_output=True, text=True, check=True).stdout
     assert "| tiny | vit_tiny | 4 | no | yes | no | no |" in report
     assert "| oom | no result (rc 1) |" in report and "tiny profile" in report
+    assert "clip: no result (clip.json missing or empty)" in report
+    clip = {"size": "b16", "batch": 256, "dtype": "bf16", "device": "cuda", "ratio": 1.4,
+            "samples_per_s": {"ours": 1400.0, "open_clip": 1000.0}}
+    (tmp_path / "clip.json").write_text(json.dumps(clip) + "\n")
+    report = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_bench_report.py"),
+                             str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert "ours 1400.0 samples/s, open_clip 1000.0, ratio 1.4" in report
 
 
 @pytest.mark.dist
