@@ -44,8 +44,9 @@ def report(out_dir: Path) -> str:
     """The summary text of ``out_dir`` (device.txt, results.jsonl)."""
     device = (out_dir / "device.txt").read_text().strip() if (out_dir / "device.txt").exists() \
         else "device: unknown"
-    records = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()
-               if line.strip()]
+    results = out_dir / "results.jsonl"
+    records = [json.loads(line) for line in results.read_text().splitlines()
+               if line.strip()] if results.exists() else []
     lines = ["Device, date, commit:", "", "```", device, "```", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row(r)) + " |" for r in records]
