@@ -144,6 +144,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         if detect_layout()[2] > 1:
             raise UserError("a multi-rank stage needs --out DIR (the pipeline directory)")
         out = default_run_dir(cfg.name)
+    from dinosys.factory.checks import check_stages
+
+    check_stages(cfg, Path(out))  # a bad key in any stage's recipe or overrides: now, not later
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     summary = run_pipeline(cfg, Path(out), args.stage, _parse_part(args.part), args.jobs)
     if "stages" in summary:

@@ -65,9 +65,11 @@ def run_demo(out: Path, data_dir: Path = Path("data/builtin"),
     write to ``out/summary.json``) its summary with the target checks."""
     import json
 
+    from dinosys.factory.checks import check_stages
     from dinosys.factory.runner import load_pipeline, run_pipeline
 
     cfg = load_pipeline(PIPELINE, [f"data={data_dir}", *overrides])
+    check_stages(cfg, Path(out))
     summary = run_pipeline(cfg, Path(out), jobs=jobs)
     summary["checks"] = demo_checks(Path(out))
     write_atomic(Path(out) / "summary.json",

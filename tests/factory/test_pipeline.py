@@ -81,6 +81,12 @@ def test_rerun_skips_complete_stages_and_refuses_a_changed_one(
     assert "stage pretrain" in err and "another configuration" in err
     with pytest.raises(UserError, match="another configuration"):
         stage_complete(load_pipeline(str(changed)), out, "pretrain")
+    # a bad key in a stage's overrides stops the pipeline before any stage runs
+    assert main(["pipeline", str(mini_config), "--out", str(tmp_path / "bad"),
+                 "export.enabled=false", "pretrain.overrides=[optim.bse_lr=1]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "stage pretrain" in err and "optim.base_lr" in err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_curate_arguments_wire_the_pool_and_the_part(tmp_path: Path) -> None:
