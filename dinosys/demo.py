@@ -43,6 +43,7 @@ def demo_checks(out: Path) -> dict[str, dict]:
                     knn, f">= {teacher - 0.01:.3f} (teacher - 1 point)", knn >= teacher - 0.01)
     zs = models.get("text", {}).get("metrics", {}).get("mnist/zeroshot/top1")
     if zs is not None:
+        zs = _acc(zs)
         checks["zero-shot top-1"] = _check(zs, ">= 0.93", zs >= 0.93)
     return checks
 
@@ -52,11 +53,17 @@ def _knn(result: dict) -> float | None:
     metrics = result.get("metrics", {})
     keys = sorted(k for k in metrics if k.startswith("mnist/knn/top1"))
     key = "mnist/knn/top1_k20" if "mnist/knn/top1_k20" in keys else (keys[0] if keys else None)
-    return metrics[key] if key else None
+    return _acc(metrics[key]) if key else None
 
 
 def _check(value: float, target: str, ok: bool) -> dict:
     return {"value": value, "target": target, "ok": bool(ok)}
+
+
+def _acc(value: float) -> float:
+    """An accuracy as the evaluators' float32 reports it, rounded to 4 places (1,000 val
+    images: a step is 0.001), so 960/1000 = 0.9599999785 compares as 0.96."""
+    return round(float(value), 4)
 
 
 def run_demo(out: Path, data_dir: Path = Path("data/builtin"),
