@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from dinosys.config import ConfigError, Section, check_choice
+from dinosys.config import ConfigError, Section, check_bounds, check_choice
 from dinosys.data.augment import CropConfig
 from dinosys.data.masking import MaskConfig
 from dinosys.models.heads import HeadConfig
@@ -60,6 +60,12 @@ class DistillLossConfig(SSLLossConfig):
 
     mode: str = "auto"  # auto: heads when the teacher has them, else features
     mask_student: bool = False  # DINOv2: no masking of student inputs; DINOv3 kept it
+    # heads mode: the DINO term also pairs each student global crop with the teacher's view of
+    # the same crop (function matching), averaged with the cross-view pairs
+    dino_same_view: bool = False
+    # heads mode: add the feature objective (cls/patch tokens of the global crops, the
+    # feature-mode terms and weights below) with this weight; 0: off
+    feature_weight: float = 0.0
     cls_weight: float = 1.0  # feature mode: weight of the class-token term
     patch_weight: float = 1.0  # feature mode: weight of the patch-token term
     cosine_weight: float = 1.0  # feature mode: weight of the cosine distance
@@ -69,6 +75,9 @@ class DistillLossConfig(SSLLossConfig):
     def validate(self) -> None:
         super().validate()
         check_choice(self.mode, MODES, "loss.mode")
+        check_bounds(self, "loss", {"feature_weight": (0, None), "cls_weight": (0, None),
+                                    "patch_weight": (0, None), "cosine_weight": (0, None),
+                                    "smooth_l1_weight": (0, None), "smooth_l1_beta": (0, None)})
 
 
 @dataclass

@@ -30,6 +30,7 @@ from dinosys.losses.distill import FeatureDistillLoss
 from dinosys.losses.ibot import ibot_loss
 from dinosys.losses.koleo import koleo_loss
 from dinosys.losses.normalize import Centering, sinkhorn_knopp
+from dinosys.losses.soft_ce import soft_cross_entropy
 from dinosys.models import backbone_from_config
 from dinosys.models.heads import build_heads
 
@@ -115,7 +116,7 @@ class Student:
                 parts["ibot_head"] = ibot
             self.shared_head = ibot is dino
             self.targets = HeadTargets(teacher, loss, group)
-        else:
+        if mode == "features" or loss.feature_weight > 0:
             self.feature_loss = FeatureDistillLoss(
                 backbone.embed_dim, teacher.embed_dim, loss.cls_weight, loss.patch_weight,
                 loss.cosine_weight, loss.smooth_l1_weight, loss.smooth_l1_beta)
@@ -194,10 +195,22 @@ class Student:
                          n_global_crops=N_GLOBAL, student_temp=cfg.student_temp)
         ibot = ibot_loss(patch_logits, ibot_probs, weights.to(patch_logits.device), n_images,
                          student_temp=cfg.student_temp)
+        dino_term = dino.loss
+        if cfg.dino_same_view:  # + each crop against the teacher's view of itself
+            k = dino_probs.shape[-1]
+            same = soft_cross_entropy(cls_logits[:n_images].reshape(N_GLOBAL, -1, k),
+                                      dino_probs.reshape(N_GLOBAL, -1, k), cfg.student_temp)
+            dino_term = 0.5 * (dino.loss + same.mean())
         koleo = self._koleo(g_cls) if cfg.koleo_weight else g_cls.new_zeros(())
-        loss = cfg.dino_weight * dino.loss + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
-        return {"loss": loss, "dino_loss": dino.loss.detach(), "ibot_loss": ibot.detach(),
-                "koleo_loss": koleo.detach()}
+        loss = cfg.dino_weight * dino_term + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
+        out = {"dino_loss": dino_term.detach(), "ibot_loss": ibot.detach(),
+               "koleo_loss": koleo.detach()}
+        if self.feature_loss is not None and cfg.feature_weight > 0:
+            terms = self.feature_loss(g_cls, outs[0]["x_norm_patchtokens"], t_out["cls"],
+                                      t_out["patches"])
+            loss = loss + cfg.feature_weight * terms.loss
+            out.update(cls_loss=terms.cls, patch_loss=terms.patch)
+        return {"loss": loss, **out}
 
     def _feature_loss(self, crops: Mapping[str, Tensor], t_out: Mapping[str, Tensor]
                       ) -> dict[str, Tensor]:

@@ -220,7 +220,10 @@ class DistillTask(TrainTask):
     def teacher_outputs(self, global_crops: Tensor) -> dict[str, Tensor]:
         """The teacher on this rank's global crops: the targets this mode needs, crop-major."""
         out = self.teacher.encode(global_crops)
-        return {k: out[k] for k in TEACHER_KEYS[self.mode]}
+        keys = TEACHER_KEYS[self.mode]
+        if self.mode == "heads" and self.loss_cfg.feature_weight > 0:
+            keys = keys + TEACHER_KEYS["features"]
+        return {k: out[k] for k in keys}
 
     def route(self, batch: Mapping[str, Any], t_out: Mapping[str, Tensor]
               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -273,18 +276,19 @@ class DistillTask(TrainTask):
         return out
 
     def _log_keys(self, name: str) -> list[str]:
-        terms = (("loss", "dino_loss", "ibot_loss", "koleo_loss") if self.mode == "heads"
-                 else ("loss", "cls_loss", "patch_loss", "koleo_loss"))
-        keys = [f"{name}/{t}" for t in terms]
+        features = self.mode == "features" or self.loss_cfg.feature_weight > 0
+        terms = ["loss", "koleo_loss"]
         parts = ["backbone"]
         if self.mode == "heads":
+            terms += ["dino_loss", "ibot_loss"]
             parts.append("dino_head")
             if self.teacher.head_cfg is not None and self.teacher.head_cfg.ibot_separate_head:
                 parts.append("ibot_head")
-        else:
-            cfg = resolve_config(self.student_cfgs[name].model)
-            if cfg.embed_dim != self.teacher.embed_dim:
+        if features:
+            terms += ["cls_loss", "patch_loss"]
+            if resolve_config(self.student_cfgs[name].model).embed_dim != self.teacher.embed_dim:
                 parts.append("proj")
+        keys = [f"{name}/{t}" for t in terms]
         return keys + [f"grad_norm/{name}-{p}" for p in parts]
 
     # ------------------------------------------------------------------ accounting

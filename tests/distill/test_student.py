@@ -81,3 +81,38 @@ def test_ibot_positions_without_and_with_student_masking() -> None:
     assert idx.tolist() == list(range(8)) and torch.allclose(w, torch.full((8,), 0.25))
     idx, w = masked_positions(masks, mask_student=True)
     assert idx.tolist() == [0, 3] and torch.allclose(w, torch.tensor([0.5, 0.5]))
+
+
+def test_head_mode_with_features_and_same_view_dino(teacher_run: Path) -> None:
+    """loss.feature_weight adds the feature terms (and the projection) to the head objective;
+    loss.dino_same_view averages the cross-view DINO pairs with the same-view ones."""
+    from dinosys.losses.dino import dino_loss
+    from dinosys.losses.soft_ce import soft_cross_entropy
+
+    teacher = load_teacher(teacher_run)
+    crops = _crops()
+    t_out = teacher.encode(crops["global_crops"])
+    base = DistillLossConfig(mode="heads", koleo_weight=0.0)
+    torch.manual_seed(0)
+    plain = Student(_student_cfg(), teacher, base, "heads")
+    torch.manual_seed(0)
+    both = Student(_student_cfg(), teacher,
+                   DistillLossConfig(mode="heads", koleo_weight=0.0, feature_weight=0.5,
+                                     dino_same_view=True), "heads")
+    assert "proj" in both.modules and "proj" not in plain.modules
+    a = plain.forward_loss(crops, t_out, 0.07)
+    b = both.forward_loss(crops, t_out, 0.07)
+    assert {"cls_loss", "patch_loss"} <= set(b) and "cls_loss" not in a
+    torch.testing.assert_close(b["ibot_loss"], a["ibot_loss"])  # same weights, same targets
+    # the DINO term: the mean of the cross-view loss and the same-view cross-entropy
+    g = crops["global_crops"]
+    cls_logits = both.modules["dino_head"](both.backbone(g)["x_norm_clstoken"])
+    probs = torch.softmax(teacher.dino_head.last_layer(t_out["cls_bottleneck"]) / 0.07, -1)
+    cross = dino_loss(cls_logits, probs, n_global_crops=2, student_temp=0.1).loss
+    same = soft_cross_entropy(cls_logits.reshape(2, -1, 64), probs.reshape(2, -1, 64), 0.1)
+    torch.testing.assert_close(b["dino_loss"], 0.5 * (cross + same.mean()), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        b["loss"], b["dino_loss"] + b["ibot_loss"] + 0.5 * (b["cls_loss"] + b["patch_loss"]),
+        rtol=1e-4, atol=1e-5)
+    b["loss"].backward()
+    assert both.modules["proj"].weight.grad.abs().sum() > 0
