@@ -97,9 +97,12 @@ class FeatureDistillLoss(nn.Module):
         kw = dict(cosine_weight=self.cosine_weight, smooth_l1_weight=self.smooth_l1_weight,
                   beta=self.beta)
         zero = student_cls.new_zeros((), dtype=torch.float32)
-        cls = (token_distill_loss(self.proj(student_cls), teacher_cls, **kw)
-               if self.cls_weight else zero)
-        patch = (token_distill_loss(self.proj(student_patches), teacher_patches, **kw)
+        # one projection call for cls and patches: FSDP2 runs a sharded module's forward once
+        # per step (a second call desynchronised the ranks' gradient reductions)
+        tokens = self.proj(torch.cat([student_cls[:, None], student_patches], dim=1))
+        s_cls, s_patches = tokens[:, 0], tokens[:, 1:]
+        cls = token_distill_loss(s_cls, teacher_cls, **kw) if self.cls_weight else zero
+        patch = (token_distill_loss(s_patches, teacher_patches, **kw)
                  if self.patch_weight else zero)
         loss = self.cls_weight * cls + self.patch_weight * patch
         return FeatureLossTerms(loss, cls.detach(), patch.detach())

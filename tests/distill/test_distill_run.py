@@ -47,7 +47,7 @@ def distill(run: Path, teacher: Path, data: Path, nproc: int, per_rank: int,
            f"data.sources=[{{path: {data / 'mnist' / 'train'}}}]", "checkpoint.every_n_steps=3",
            "checkpoint.keep_last=5", "log.every_n_steps=1", "log.progress=false",
            "optim.iters_per_epoch=2", "optim.warmup_epochs=1", "export_formats=[native]",
-           "eval.knn_train=null", "eval.knn_val=null", *extra]
+           "eval.knn_train=null", "eval.knn_val=null", "loss.feature_weight=0.0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
 

@@ -55,7 +55,7 @@ def test_two_task_distillation_requeues_on_usr2_and_finishes_every_step_once(
                   f"max_steps={steps}", f"data.sources=[{{path: {builtin_data}/mnist/train}}]",
                   "data.batch_size_per_gpu=4", "data.num_workers=0", "log.every_n_steps=1",
                   "log.progress=false", "checkpoint.every_n_steps=1000", "eval.knn_train=null",
-                  "eval.knn_val=null", "export_formats=[native]")
+                  "eval.knn_val=null", "export_formats=[native]", "loss.feature_weight=0.0")
     assert res.returncode == 0, res.stderr
     job_id = json.loads(res.stdout.splitlines()[-1])["job_id"]
     try:
