@@ -358,6 +358,13 @@ class DistillTask(TrainTask):
                                    evaluate=self._final_knn if self._wants_knn() else None)
         return out
 
+    def periodic_eval_modules(self) -> dict[str, tuple[nn.Module, Any]]:
+        """Each local student's EMA (what gets exported), logged as ``<student>/...`` and
+        evaluated over the student's own ranks only (its subgroup; the world when every student
+        is on every rank), so a logged value is always that student's."""
+        return {f"{name}/": (s.ema, self.layout.groups[name])
+                for name, s in self.students.items()}
+
     def _wants_knn(self) -> bool:
         return bool(self.cfg.eval.knn_train and self.cfg.eval.knn_val)
 

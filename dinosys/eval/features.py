@@ -21,7 +21,8 @@ Register another kind with :func:`register_feature`; evaluators then request it 
 :func:`extract_features` runs the kinds an evaluator asks for on one forward pass per batch,
 shards the batches over the ranks of a distributed job (batch ``i`` on rank ``i % world``, so
 every batch holds the same images as in a single-process run) and all-gathers the result onto
-every rank, in the order of the image set.
+every rank, in the order of the image set. Inside :func:`sharded_over` the ranks are those of
+one process group (a model that lives on a subgroup of ranks, e.g. a distillation student).
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def progress_bar(total: int, desc: str | None, unit: str) -> Any:
 
 
 _unsharded = False
+_group: Any = None  # the process group extraction shards over; None: the default (world) group
 
 
 @contextmanager
@@ -167,11 +169,25 @@ def unsharded() -> Iterator[None]:
         _unsharded = outer
 
 
+@contextmanager
+def sharded_over(group: Any) -> Iterator[None]:
+    """Evaluations inside shard and gather over the ranks of process group ``group`` only
+    (None: the whole world): for a model that only those ranks hold, so that every rank of the
+    group evaluates that model and no other rank's features are mixed in. Every rank of
+    ``group`` must enter it; ranks outside it take no part."""
+    global _group
+    outer, _group = _group, group
+    try:
+        yield
+    finally:
+        _group = outer
+
+
 def shard_layout() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one or inside
-    :func:`unsharded`."""
+    """(rank, world size) in the process group of :func:`sharded_over` (default: the world),
+    (0, 1) without one or inside :func:`unsharded`."""
     if not _unsharded and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(_group), dist.get_world_size(_group)
     return 0, 1
 
 
@@ -183,9 +199,10 @@ def extract_features(module: nn.Module, images: ImageSet, kinds: Sequence[str],
                      **options: Any) -> dict[str, Tensor]:
     """Features of every image of ``images``: ``{name: (n, ...) fp32 CPU tensor}`` in the
     set's order, the union of what the feature ``kinds`` produce (``options`` such as
-    ``n_blocks`` go to each kind). Sharded over the ranks of the default process group and
-    gathered onto every rank. ``transform(batch, batch_index)`` (e.g. a seeded augmentation)
-    is applied to each batch before the model. ``progress``: a bar with this title (rank 0).
+    ``n_blocks`` go to each kind). Sharded over the ranks of the default process group (or of
+    :func:`sharded_over`'s group) and gathered onto each of them.
+    ``transform(batch, batch_index)`` (e.g. a seeded augmentation) is applied to each batch
+    before the model. ``progress``: a bar with this title (rank 0).
     Inside :func:`dinosys.eval.feature_cache.shared_features` a request that earlier features
     of the same module and images cover is served from them (not with a ``transform``).
     """
@@ -244,7 +261,7 @@ def _gather(local: dict[str, Tensor], n: int, batch_size: int, rank: int, world:
     counts = [sum(rows(r)) for r in range(world)]
     most = max(counts)
     # NCCL gathers device tensors; gloo CPU ones
-    on = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+    on = torch.device(device) if dist.get_backend(_group) == "nccl" else torch.device("cpu")
     shapes = _agree_shapes(local)
     out: dict[str, Tensor] = {}
     for name in sorted(shapes):
@@ -252,7 +269,7 @@ def _gather(local: dict[str, Tensor], n: int, batch_size: int, rank: int, world:
         padded = torch.zeros(most, *shapes[name], dtype=torch.float32, device=on)
         padded[:len(mine)] = mine.to(on)
         gathered = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(gathered, padded)
+        dist.all_gather(gathered, padded, group=_group)
         per_rank = [g[:c].cpu().split(rows(r)) for r, (g, c) in
                     enumerate(zip(gathered, counts))]
         ordered = [per_rank[b % world][b // world] for b in range(n_batches)]
@@ -262,8 +279,8 @@ def _gather(local: dict[str, Tensor], n: int, batch_size: int, rank: int, world:
 
 def _agree_shapes(local: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
     """Per-image shape of each feature (a rank without a batch learns them from the others)."""
-    objs: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, {k: tuple(v.shape[1:]) for k, v in local.items()})
+    objs: list[Any] = [None] * dist.get_world_size(_group)
+    dist.all_gather_object(objs, {k: tuple(v.shape[1:]) for k, v in local.items()}, group=_group)
     shapes: dict[str, tuple[int, ...]] = {}
     for obj in objs:
         shapes.update(obj)

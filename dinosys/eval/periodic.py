@@ -3,10 +3,11 @@
 :class:`RegistryEvaluator` is a callable ``(task, step) -> {name: float}`` with ``name``,
 ``every_n_steps`` and ``last`` (the full result of the latest call): what the training loop calls
 every so many steps, on every rank (the evaluator shards its feature extraction over the ranks).
-It evaluates the task's main export (``task.exports()``, first entry) in eval mode and restores
-the module's mode afterwards. The evaluation folders are decoded once, at the first call, and kept
-(:mod:`dinosys.eval.feature_cache`); features are extracted afresh at every call and dropped
-after it. The training configs' ``eval.*`` keys become these evaluators in
+It evaluates the task's ``periodic_eval_modules()`` (by default its main export over the world;
+a distillation student on its own rank subgroup, over that subgroup only) in eval mode and
+restores each module's mode afterwards. The evaluation folders are decoded once, at the first
+call, and kept (:mod:`dinosys.eval.feature_cache`); features are extracted afresh at every
+call and dropped after it. The training configs' ``eval.*`` keys become these evaluators in
 :func:`dinosys.train.periodic_eval.build_periodic_evaluators`.
 """
 
@@ -15,9 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dinosys.eval.feature_cache import FeatureCache, shared_features
+from dinosys.eval.features import sharded_over
 from dinosys.eval.models import EvalModel, model_image_size
 from dinosys.eval.registry import get_evaluator
 
@@ -50,6 +53,21 @@ class RegistryEvaluator:
         return {f"{self.name}/{k}": float(v) for k, v in self.last.get("metrics", {}).items()}
 
     def __call__(self, task: Any, step: int) -> dict[str, float]:
-        """Evaluate ``task``'s main export at ``step``."""
-        module = next(iter(task.exports().values())).module
-        return self.evaluate(module, task.device)
+        """Evaluate ``task``'s periodic-evaluation modules at ``step``
+        (:meth:`~dinosys.train.tasks.base.TrainTask.periodic_eval_modules`: by default its main
+        export over the world). A module on a rank subgroup is evaluated by that group alone
+        and logged as ``<prefix><name>/<metric>``; every rank returns every prefix's scalars."""
+        targets = task.periodic_eval_modules()
+        if list(targets) == [""] and targets[""][1] is None:
+            return self.evaluate(targets[""][0], task.device)
+        out: dict[str, float] = {}
+        for prefix, (module, group) in targets.items():
+            with sharded_over(group):
+                out.update({prefix + k: v for k, v in self.evaluate(module, task.device).items()})
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, out)  # rank 0 logs the students of other groups too
+            for part in parts:
+                out.update(part)
+        self.last = {"metrics": dict(out)}
+        return out

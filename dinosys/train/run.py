@@ -244,6 +244,8 @@ def _run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> dict:
         "bad_samples": bad_samples,
     }
     knn = result.evals.get("knn")
+    if knn is not None and "top1" not in knn:  # per-module kNN (distillation students): in
+        knn = None                             # the metrics log and the task's run summary
     if knn is not None:
         summary["knn_top1"] = knn["top1"]
     if result.status == "finished":

@@ -182,13 +182,17 @@ def test_checkpoint_and_exports(reference: Path, teacher_run: Path) -> None:
 
 
 @pytest.mark.dist
-def test_periodic_and_final_knn_of_the_students_on_two_ranks(teacher_run: Path,
-                                                             builtin_data: Path,
-                                                             tmp_path: Path) -> None:
+@pytest.mark.parametrize("nproc, ranks", [(2, None), (4, {"s": (0, 1), "b": (2, 3)})],
+                         ids=["in-turn-2-ranks", "subgroups-4-ranks"])
+def test_periodic_and_final_knn_of_each_student(teacher_run: Path, builtin_data: Path,
+                                                tmp_path: Path, nproc: int,
+                                                ranks: dict[str, tuple[int, int]] | None) -> None:
     """eval.knn_every_n_steps: the registry's kNN (the trainer's one periodic-evaluation path)
-    on the first student's EMA, extraction sharded over both ranks, logged as knn/top1_k<k>;
-    each student's final kNN runs on its writer rank alone (no collectives: it used to abort
-    in a mismatched gloo collective) and lands in its card."""
+    on each student's EMA, logged as <student>/knn/top1_k<k>, its extraction sharded over that
+    student's own ranks (on rank subgroups it used to shard and gather over the world and so mix
+    the students' features). At the last step the EMA is the export, so each student's logged
+    kNN equals the final kNN of its exported weights, computed on its writer rank alone (no
+    collectives: it used to abort in a mismatched gloo collective) and put in its card."""
     data = tmp_path / "digits"
     for split, per_class in (("train", 10), ("val", 4)):
         for c in ("0", "1", "2"):
@@ -196,12 +200,15 @@ def test_periodic_and_final_knn_of_the_students_on_two_ranks(teacher_run: Path,
             for path in sorted((builtin_data / "digits" / split / c).iterdir())[:per_class]:
                 shutil.copy(path, data / split / c / path.name)
     run = tmp_path / "run"
-    summary = ok(distill(run, teacher_run, builtin_data, 2, 4, None,
+    summary = ok(distill(run, teacher_run, builtin_data, nproc, 8 // nproc, ranks,
                          "eval.knn_every_n_steps=3", "eval.knn_k=[3]",
                          f"eval.knn_train={data / 'train'}", f"eval.knn_val={data / 'val'}"))
-    assert summary["status"] == "finished" and summary["world_size"] == 2
+    assert summary["status"] == "finished" and summary["world_size"] == nproc
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "knn/top1_k3" in r]
-    assert [r["step"] for r in evals] == [3, 6]
     for name in ("s", "b"):
+        evals = [r for r in records if f"{name}/knn/top1_k3" in r]
+        assert [r["step"] for r in evals] == [3, 6]
+        final = summary["students"][name]["knn_top1"]
+        assert evals[-1][f"{name}/knn/top1_k3"] == pytest.approx(final[3] if 3 in final
+                                                                 else final["3"], abs=1e-6)
         assert "knn_top1_k3" in (run / "export" / name / "README.md").read_text()

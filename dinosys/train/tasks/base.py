@@ -228,6 +228,13 @@ class TrainTask(ABC):
         del summary, last
         return {}
 
+    def periodic_eval_modules(self) -> dict[str, tuple[nn.Module, Any]]:
+        """What the periodic evaluators evaluate on this rank: log-key prefix -> (module, the
+        process group of the ranks that hold it, None: the whole world). Every rank of a group
+        evaluates its module together (feature extraction sharded over that group only). Default:
+        the main export, unprefixed, over the world."""
+        return {"": (next(iter(self.exports().values())).module, None)}
+
     @abstractmethod
     def exports(self) -> dict[str, Exportable]:
         """The models written to ``RUN/export/<name>/`` at the end of the run, by name; the
