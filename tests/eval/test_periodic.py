@@ -19,7 +19,7 @@ def test_periodic_knn_and_linear_on_a_live_module(small_digits) -> None:
     torch.manual_seed(0)
     module = create_backbone("vit_tiny", img_size=28, patch_size=14, embed_dim=32, depth=2,
                              num_heads=2, layerscale_init=None).train()
-    task = SimpleNamespace(exports=lambda: {"teacher": SimpleNamespace(module=module)},
+    task = SimpleNamespace(periodic_eval_modules=lambda: {"": (module, None)},
                            device=torch.device("cpu"))
     knn = RegistryEvaluator("knn", KnnConfig(train=str(train), val=str(val), k=[5]), 100,
                             IMAGENET_MEAN, IMAGENET_STD)
