@@ -5,7 +5,8 @@ rate measured on real hardware; ``curation/assets/rates.json`` stores each rate 
 when and with which command it was measured, and the runs the model is checked against
 (``tests/curation/test_plan.py``). The work counts follow what the code does: the kNN graph is
 IVF-Flat (route every query to ``nlist`` centroids, scan ``nprobe`` lists), built once by one
-node, searched by every part; k-means trains on a sample and assigns every kept image;
+node (k-means training and routing: dense products, their own rate), searched by every part
+(the list scans: the kNN rate); k-means trains on a sample and assigns every kept image;
 retrieval is an exact top-k of every query over the kept images. The GPU-hours of a stage are
 its wall-clock times K: the arrays hold every GPU node for each stage. Rates per CPU core are
 in CPU-seconds (what a shared or a quiet machine both give).
@@ -56,6 +57,7 @@ def stage_costs(images: float, gpus: int, rates: dict, a: dict) -> list[dict]:
     kept = n * a["kept_after_dedup"]
     selected = n * a["selected_fraction"]
     knn_rate = _rate(rates, "knn_dots_per_core_s") / dim_scale
+    index_rate = _rate(rates, "index_dots_per_core_s") / dim_scale
     km_rate = _rate(rates, "kmeans_dots_per_core_s") / dim_scale
     gpu_embed = rates["rates"]["embed_images_per_gpu_s"]["value"].get(a["backbone"])
     if gpu_embed is None:
@@ -71,7 +73,7 @@ def stage_costs(images: float, gpus: int, rates: dict, a: dict) -> list[dict]:
         ("embed", n / embed_rate, gpus,
          f"{n:.3g} images / min(GPU rate, {a['cores_per_gpu']} cores x decode rate) "
          f"= {embed_rate:.0f} img/s per GPU"),
-        ("index", index_dots(n, nlist) / knn_rate, node_cores,
+        ("index", index_dots(n, nlist) / index_rate, node_cores,
          f"one node trains {nlist} lists and routes {n:.3g} vectors"),
         ("knn", knn_dots(n, n, nlist, a["nprobe"]) / knn_rate, cores,
          f"{n:.3g} queries x ({nlist} centroids + {a['nprobe']} lists of {n / nlist:.0f})"),
