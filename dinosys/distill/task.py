@@ -42,24 +42,6 @@ log = logging.getLogger(__name__)
 TEACHER_KEYS = {"heads": ("cls_bottleneck", "patch_bottleneck"), "features": ("cls", "patches")}
 
 
-def _check_projection_ranks(cfg: DistillConfig, mode: str, teacher: Teacher,
-                            layout: RankLayout) -> None:
-    """Feature terms through a learned projection (student width != teacher width) train on
-    one rank per student only: sharded over several ranks, the projection's collectives went
-    out of step (a gloo size mismatch on 4 CPU ranks), so refuse before any work."""
-    if mode != "features" and cfg.loss.feature_weight <= 0:
-        return
-    for s in cfg.students:
-        width = resolve_config(s.model).embed_dim
-        n = len(layout.ranges[s.name])
-        if width != teacher.embed_dim and n > 1:
-            raise UserError(f"student '{s.name}' (width {width}) needs a projection to the "
-                            f"teacher's width {teacher.embed_dim} for the feature terms, which "
-                            f"is not supported on several ranks yet ({n}): use one rank per "
-                            "such student (students[].ranks), a student of the teacher's "
-                            "width, or loss.feature_weight=0 with loss.mode=heads")
-
-
 def _teacher_key(cfg: DistillConfig) -> tuple:
     return (cfg.teacher.path, cfg.teacher.arch, cfg.teacher.num_heads)
 
@@ -104,7 +86,6 @@ class DistillTask(TrainTask):
         self.teacher_info = teacher.describe()
         self.layout: RankLayout = build_layout({s.name: s.ranks for s in cfg.students},
                                                env.world_size, env.rank)
-        _check_projection_ranks(cfg, self.mode, teacher, self.layout)
         per_rank = cfg.data.batch_size_per_gpu * env.world_size
         for name in self.layout.ranges:  # the global batch splits over each student's ranks
             self.layout.images_per_rank(name, per_rank)

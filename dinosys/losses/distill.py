@@ -98,8 +98,12 @@ class FeatureDistillLoss(nn.Module):
                   beta=self.beta)
         zero = student_cls.new_zeros((), dtype=torch.float32)
         # one projection call for cls and patches: FSDP2 runs a sharded module's forward once
-        # per step (a second call desynchronised the ranks' gradient reductions)
-        tokens = self.proj(torch.cat([student_cls[:, None], student_patches], dim=1))
+        # per step (a second call desynchronised the ranks' gradient reductions); on 2-D rows,
+        # so that the FSDP module returns a fresh tensor: on (B, N, D) nn.Linear returns a view,
+        # whose pre-backward hook FSDP2 can lose (its all-gather skipped, the ranks'
+        # collectives out of step: gloo "24 vs 4 bytes")
+        x = torch.cat([student_cls[:, None], student_patches], dim=1)
+        tokens = self.proj(x.flatten(0, 1)).unflatten(0, x.shape[:2])
         s_cls, s_patches = tokens[:, 0], tokens[:, 1:]
         cls = token_distill_loss(s_cls, teacher_cls, **kw) if self.cls_weight else zero
         patch = (token_distill_loss(s_patches, teacher_patches, **kw)

@@ -130,8 +130,9 @@ class Trainer:
         ok, logs = self._forward_backward(batches, step)
         self.task.before_optimizer_step(step)
         norms = clip_grad_per_module(self.task.trainable_modules(), self.cfg.optim.clip_grad)
-        for norm in norms.values():
-            ok = ok * finite_flag(norm)
+        if norms:  # one collective for all norms: ranks may train different module counts
+            # (distillation students on rank subgroups, one with a feature projection)
+            ok = ok * finite_flag(torch.stack([n.detach().float() for n in norms.values()]))
         logs.update({f"grad_norm/{k}": v for k, v in norms.items()})
         guarded_step(self.optimizer, ok)
         self.optimizer.zero_grad(set_to_none=True)

@@ -69,13 +69,3 @@ def test_cli_exit_2_one_line_and_no_run_directory(teacher_run: Path, tmp_path: P
     assert not out.exists()
     res = run_cli("distill", "mnist_demo_cpu", "--out", str(out), "teacher.path=/no/such")
     assert res.returncode == 2 and "does not exist" in res.stderr and not out.exists()
-
-
-def test_feature_projection_on_several_ranks_is_refused(teacher_run: Path) -> None:
-    from dinosys.distributed.env import DistEnv
-
-    cfg = DistillConfig(teacher=TeacherConfig(path=str(teacher_run)), students=[_student()],
-                        loss=DistillLossConfig(mode="heads", feature_weight=1.0),
-                        crops=CropConfig(global_size=28, local_size=14, n_local=0))
-    with pytest.raises(UserError, match="not supported on several ranks yet"):
-        DistillTask(cfg, DistEnv(rank=0, world_size=2))

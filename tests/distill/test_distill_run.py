@@ -212,3 +212,26 @@ def test_periodic_and_final_knn_of_each_student(teacher_run: Path, builtin_data:
         assert evals[-1][f"{name}/knn/top1_k3"] == pytest.approx(final[3] if 3 in final
                                                                  else final["3"], abs=1e-6)
         assert "knn_top1_k3" in (run / "export" / name / "README.md").read_text()
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("nproc, ranks", [
+    (2, None), pytest.param(4, {"s": (0, 1), "b": (2, 3)}, marks=pytest.mark.slow)],
+    ids=["in-turn-2-ranks", "subgroups-4-ranks"])
+def test_feature_projection_on_several_ranks(teacher_run: Path, builtin_data: Path,
+                                             tmp_path: Path, nproc: int,
+                                             ranks: dict[str, tuple[int, int]] | None) -> None:
+    """loss.feature_weight > 0 with student 's' narrower than the teacher (a learned projection,
+    FSDP-sharded over the student's ranks) trains on several ranks with the same losses as in
+    one process. It used to go out of step: one world finite-check all-reduce per trainable
+    module (the students on different subgroups own different module counts; gloo "24 vs 4
+    bytes"), and the projection returned a view whose FSDP2 pre-backward hook could be lost."""
+    extra = ("loss.feature_weight=1.0", "max_steps=2")
+    one = metrics(tmp_path / "one") if ok(distill(tmp_path / "one", teacher_run, builtin_data, 1,
+                                                  8, None, *extra)) else {}
+    ok(distill(tmp_path / "multi", teacher_run, builtin_data, nproc, 8 // nproc, ranks, *extra))
+    multi = metrics(tmp_path / "multi")
+    assert "grad_norm/s-proj" in multi[2] and "s/cls_loss" in multi[2]
+    for step in (1, 2):
+        for key in ("s/loss", "s/cls_loss", "s/patch_loss", "b/loss", "grad_norm/s-proj"):
+            assert multi[step][key] == pytest.approx(one[step][key], rel=1e-4, abs=1e-6), key
