@@ -27,18 +27,6 @@ STAGES = ("ingest", "embed", "dedup", "verify", "cluster", "retrieve", "shard", 
 SPLIT = ("ingest", "embed", "dedup", "verify", "cluster", "retrieve", "shard")
 
 
-def _parse_part(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UserError(f"--part '{text}' must look like i/n (e.g. 0/4)") from None
-    if n < 1 or not 0 <= i < n:
-        raise UserError(f"--part '{text}': need 0 <= i < n")
-    return i, n
-
-
 def _load(args: argparse.Namespace):
     from curation.config import CurationConfig
     from dinosys.config import load_config
@@ -54,12 +42,12 @@ def _load(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from curation import pipeline
-    from dinosys.cli import print_json
+    from dinosys.cli import parse_part, print_json
 
     cfg = _load(args)
     stage = args.command
     merge = getattr(args, "merge", None)
-    part = _parse_part(getattr(args, "part", None))
+    part = parse_part(getattr(args, "part", None))
     if part is None and stage in ("run", *SPLIT) and merge is None:
         env_part = pipeline.part_from_env()
         part = env_part if env_part[1] > 1 else None

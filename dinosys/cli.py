@@ -109,7 +109,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_part(text: str | None) -> tuple[int, int] | None:
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """``--part i/n`` as ``(i, n)`` (None when not given); a malformed value is a UserError."""
     if text is None:
         return None
     try:
@@ -148,7 +149,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     check_stages(cfg, Path(out))  # a bad key in any stage's recipe or overrides: now, not later
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    summary = run_pipeline(cfg, Path(out), args.stage, _parse_part(args.part), args.jobs)
+    summary = run_pipeline(cfg, Path(out), args.stage, parse_part(args.part), args.jobs)
     if "stages" in summary:
         for line in format_table(summary):
             print(line)

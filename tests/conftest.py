@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -72,6 +73,19 @@ def builtin_data() -> Path:
     out = CACHE / "builtin"
     build_builtin(out)
     return out
+
+
+@pytest.fixture
+def small_digits(builtin_data: Path, tmp_path: Path) -> Path:
+    """``tmp_path/digits/{train,val}/{0,1,2}``: 10 train and 4 val images per class of the
+    embedded digits, for evaluations inside tests (periodic kNN)."""
+    data = tmp_path / "digits"
+    for split, per_class in (("train", 10), ("val", 4)):
+        for c in ("0", "1", "2"):
+            (data / split / c).mkdir(parents=True)
+            for path in sorted((builtin_data / "digits" / split / c).iterdir())[:per_class]:
+                shutil.copy(path, data / split / c / path.name)
+    return data
 
 
 @pytest.fixture(scope="session")

@@ -153,3 +153,19 @@ def test_usage_errors_exit_two(tmp_path: Path) -> None:
         res = dinosys(*args, cwd=tmp_path)
         assert res.returncode == 2 and "usage: dinosys" in res.stderr, (args, res.stderr)
         assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("text, needle", [("x", "must look like i/n"), ("2/2", "0 <= i < n"),
+                                          ("-1/4", "0 <= i < n"), ("1/0", "0 <= i < n")])
+def test_a_bad_part_is_one_line(text: str, needle: str, tmp_path: Path) -> None:
+    """`--part i/n` (dinosys pipeline, and dinosys-curate through the same parse_part)."""
+    from dinosys.cli import parse_part
+    from dinosys.errors import UserError
+
+    assert parse_part("3/4") == (3, 4) and parse_part(None) is None
+    with pytest.raises(UserError, match=needle):
+        parse_part(text)
+    res = dinosys("pipeline", "demo", "--out", str(tmp_path / "p"), "--stage", "curate",
+                  f"--part={text}", cwd=tmp_path)
+    assert_one_line_error(res, 2, needle)
+    assert not (tmp_path / "p").exists()

@@ -185,6 +185,7 @@ def test_checkpoint_and_exports(reference: Path, teacher_run: Path) -> None:
 @pytest.mark.parametrize("nproc, ranks", [(2, None), (4, {"s": (0, 1), "b": (2, 3)})],
                          ids=["in-turn-2-ranks", "subgroups-4-ranks"])
 def test_periodic_and_final_knn_of_each_student(teacher_run: Path, builtin_data: Path,
+                                                small_digits: Path,
                                                 tmp_path: Path, nproc: int,
                                                 ranks: dict[str, tuple[int, int]] | None) -> None:
     """eval.knn_every_n_steps: the registry's kNN (the trainer's one periodic-evaluation path)
@@ -193,12 +194,7 @@ def test_periodic_and_final_knn_of_each_student(teacher_run: Path, builtin_data:
     the students' features). At the last step the EMA is the export, so each student's logged
     kNN equals the final kNN of its exported weights, computed on its writer rank alone (no
     collectives: it used to abort in a mismatched gloo collective) and put in its card."""
-    data = tmp_path / "digits"
-    for split, per_class in (("train", 10), ("val", 4)):
-        for c in ("0", "1", "2"):
-            (data / split / c).mkdir(parents=True)
-            for path in sorted((builtin_data / "digits" / split / c).iterdir())[:per_class]:
-                shutil.copy(path, data / split / c / path.name)
+    data = small_digits
     run = tmp_path / "run"
     summary = ok(distill(run, teacher_run, builtin_data, nproc, 8 // nproc, ranks,
                          "eval.knn_every_n_steps=3", "eval.knn_k=[3]",

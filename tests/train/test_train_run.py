@@ -106,19 +106,14 @@ def test_missing_builtin_knn_folders_are_built(tiny_cfg, tmp_path: Path) -> None
         ensure_builtin_sources(cfg, DistEnv())
 
 
-def test_periodic_knn_runs_through_the_evaluator_registry(tiny_cfg, builtin_data: Path,
+def test_periodic_knn_runs_through_the_evaluator_registry(tiny_cfg, small_digits: Path,
                                                          tmp_path: Path, monkeypatch) -> None:
     """The SSL config's eval.knn_* keys become the registry's kNN (the code of `dinosys eval
     knn`): logged as knn/top1_k<k> every N steps, its folders decoded once for all calls, the
     last result in the summary and the model card."""
     import dinosys.eval.images as images
 
-    data = tmp_path / "digits"
-    for split, per_class in (("train", 10), ("val", 4)):
-        for c in ("0", "1", "2"):
-            (data / split / c).mkdir(parents=True)
-            for path in sorted((builtin_data / "digits" / split / c).iterdir())[:per_class]:
-                shutil.copy(path, data / split / c / path.name)
+    data = small_digits
     loads: list[Path] = []
     load = images._load_image_folder
     monkeypatch.setattr(images, "_load_image_folder",
