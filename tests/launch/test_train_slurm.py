@@ -109,7 +109,9 @@ def test_local_runs_the_same_two_task_job(tmp_path, builtin_data) -> None:
 def test_a_non_ssl_task_requeues_on_usr2_through_the_same_path(tmp_path, builtin_data) -> None:
     """The toy task (no SSL parts) on 2 Slurm tasks: USR2 -> collective checkpoint -> requeue
     -> every step once. clip and distill jobs take exactly this path (launch/jobs.py)."""
-    run, steps = tmp_path / "run", 8
+    # enough steps that USR2 lands mid-run: with 8, a quiet machine finished them all before
+    # the signal arrived (Restarts 0)
+    run, steps = tmp_path / "run", 400
     config = tmp_path / "toy.yaml"
     config.write_text(f"""\
 task: toy
