@@ -12,7 +12,10 @@
 #
 # On the lent device machine: carry .whl (omegaconf, simplejpeg, webdataset, braceexpand,
 # open_clip_torch, ftfy, wcwidth wheels for its Python 3.12; torch, timm, transformers, numpy,
-# pyyaml are there) and run `bash tools/gpu_bench.sh`. clip.json holds the CLIP step next to
+# pyyaml are there) and run `bash tools/gpu_bench.sh`. .whl/ is not tracked; fill it with
+#   .venv/bin/pip download --no-deps --python-version 3.12 --only-binary=:all: \
+#     --platform manylinux2014_x86_64 -d .whl omegaconf==2.4.0 simplejpeg==1.9.0 \
+#     webdataset==1.0.2 braceexpand==0.1.7 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 clip.json holds the CLIP step next to
 # open_clip's (issue 14's GPU target).
 # Rehearsal on a CPU: GPU_BENCH_TINY=1 bash tools/gpu_bench.sh (vit_tiny sizes, same steps).
 set -uo pipefail
