@@ -138,11 +138,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
                   f"{res['nodes']} node(s) x {tasks}, {res['timeout_min']} min{parts}")
         print_json({"pipeline": cfg.name, "stages": stages})
         return 0
+    from dinosys.distributed.env import detect_layout
+
+    _, rank, world_size, _ = detect_layout()
     out = args.out or cfg.out
     if out is None:
-        from dinosys.distributed.env import detect_layout
-
-        if detect_layout()[2] > 1:
+        if world_size > 1:
             raise UserError("a multi-rank stage needs --out DIR (the pipeline directory)")
         out = default_run_dir(cfg.name)
     from dinosys.factory.checks import check_stages
@@ -150,6 +151,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     check_stages(cfg, Path(out))  # a bad key in any stage's recipe or overrides: now, not later
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     summary = run_pipeline(cfg, Path(out), args.stage, parse_part(args.part), args.jobs)
+    if rank != 0:  # one summary per job, as for `dinosys train`; the ranks' outputs share a pipe
+        return 0
     if "stages" in summary:
         for line in format_table(summary):
             print(line)

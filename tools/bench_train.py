@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                              format_profile(result["profile"]) + "\n")
         print(json.dumps(result, sort_keys=True), flush=True)
     if dist.is_initialized():
+        # every rank past its last collective before any tears down: a gloo peer that exits
+        # while rank 0 still prints aborts it ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     return 0 if result["steps_applied"] == result["steps_timed"] else 1
 
