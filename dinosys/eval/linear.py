@@ -163,9 +163,9 @@ def train_heads(grid: LinearGrid, cfg: LinearConfig,
     batches = minibatches(len(rows), cfg.batch_size, cfg.seed)
     log_every = max(1, cfg.epochs // 10)
     with step_threads(grid.step_flops(cfg.batch_size)) as threads:
-        log.info("%s: %d head(s), %d epochs x %d steps, %d samples, %d intra-op thread(s)", desc,
-                 len(grid.variants) * len(grid.lrs), cfg.epochs, steps_per_epoch, len(rows),
-                 threads)
+        log.info("%s: %d head(s) on %s, %d epochs x %d steps, %d samples, %d intra-op "
+                 "thread(s)", desc, len(grid.variants) * len(grid.lrs), grid.device, cfg.epochs,
+                 steps_per_epoch, len(rows), threads)
         bar = progress_bar(cfg.epochs * steps_per_epoch, desc, "step")
         t0 = time.perf_counter()
         for epoch in range(cfg.epochs):
@@ -187,12 +187,14 @@ def train_heads(grid: LinearGrid, cfg: LinearConfig,
 def fit_grid(cfg: LinearConfig, train_feats: Callable[[int], dict[str, torch.Tensor]],
              train_labels: torch.Tensor, kept: torch.Tensor,
              held: tuple[dict[str, torch.Tensor], torch.Tensor],
-             val: tuple[dict[str, torch.Tensor], torch.Tensor], n_classes: int) -> dict:
+             val: tuple[dict[str, torch.Tensor], torch.Tensor], n_classes: int,
+             device: torch.device | str = "cpu") -> dict:
     """Train the grid of heads on the samples ``kept`` of ``train_feats(epoch)`` (features of
     the whole training folder; the same dict every epoch when cached), pick the best head on
     ``held`` (by ``cfg.select``), retrain it on the whole training folder when ``cfg.refit``,
-    and report it on ``val`` (each a (features, labels) pair). Returns ``metrics``, ``best``,
-    ``refit`` and the whole ``grid``."""
+    and report it on ``val`` (each a (features, labels) pair). The heads train on ``device``
+    (the features stay where they are). Returns ``metrics``, ``best``, ``refit`` and the whole
+    ``grid``."""
     scale = cfg.batch_size / 256
     dim = int(held[0]["blocks_cls"].shape[-1])
 
@@ -200,7 +202,7 @@ def fit_grid(cfg: LinearConfig, train_feats: Callable[[int], dict[str, torch.Ten
         return cfg.epochs * (cfg.epoch_length or -(-n // cfg.batch_size))
 
     grid = LinearGrid(cfg.variants, [lr * scale for lr in cfg.lrs], dim, n_classes,
-                      steps(len(kept)), cfg.momentum, cfg.weight_decay, cfg.seed)
+                      steps(len(kept)), cfg.momentum, cfg.weight_decay, cfg.seed, device)
     train_heads(grid, cfg, train_feats, train_labels, kept, "linear heads")
     table = _grid_table(grid, cfg, scale, grid.accuracy(*held), grid.accuracy(*val))
     best = max(table, key=_select_key(cfg.select))
@@ -211,7 +213,7 @@ def fit_grid(cfg: LinearConfig, train_feats: Callable[[int], dict[str, torch.Ten
         variant = Variant(best["n_blocks"], best["avgpool"])
         everything = torch.arange(len(train_labels))
         head = LinearGrid([variant], [best["lr_scaled"]], dim, n_classes, steps(len(everything)),
-                          cfg.momentum, cfg.weight_decay, cfg.seed)
+                          cfg.momentum, cfg.weight_decay, cfg.seed, device)
         train_heads(head, cfg, train_feats, train_labels, everything,
                     f"linear refit ({variant.name}, lr {best['lr']:g})")
         scores = head.accuracy(*val)
@@ -260,7 +262,7 @@ def run(model: EvalModel, cfg: LinearConfig) -> dict:
 
         result = fit_grid(cfg, train_feats, train_set.labels, kept,
                           (held_feats, train_set.labels[held]), (val_feats, val_set.labels),
-                          len(train_set.classes))
+                          len(train_set.classes), model.device)
     best = result["best"]
     result.update(n_train=len(kept), n_holdout=len(held), n_val=len(val_set),
                   n_classes=len(train_set.classes), model=model.name, train=str(cfg.train),

@@ -2,7 +2,9 @@
 features, the way DINOv2's linear evaluation trains its 52 heads on one forward pass: every head
 sees the same mini-batches; SGD with momentum, no weight decay by default, a cosine schedule to
 zero. Each head of one variant is a slice of one (L, C, D) weight tensor, so a step is one
-batched matmul per variant.
+batched matmul per variant. The heads live on ``device`` (the model's: a GPU when there is one);
+the features stay in host memory and each mini-batch is copied over, so a feature cache larger
+than the accelerator's memory (ImageNet's: ~40 GB for ViT-g's 4-block inputs) still trains there.
 """
 
 from __future__ import annotations
@@ -51,16 +53,19 @@ class LinearGrid:
 
     def __init__(self, variants: Sequence[Variant], lrs: Sequence[float], feature_dim: int,
                  n_classes: int, total_steps: int, momentum: float = 0.9,
-                 weight_decay: float = 0.0, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.variants, self.lrs = list(variants), torch.tensor(list(lrs), dtype=torch.float32)
+                 weight_decay: float = 0.0, seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        g = torch.Generator().manual_seed(seed)  # on the CPU: the same heads on every device
+        self.device = torch.device(device)
+        self.variants = list(variants)
+        self.lrs = torch.tensor(list(lrs), dtype=torch.float32, device=self.device)
         self.total_steps, self.momentum, self.weight_decay = total_steps, momentum, weight_decay
         self.n_classes = n_classes
         n = len(self.lrs)
         # DINOv2: weight ~ N(0, 0.01), bias 0
-        self.weight = {v: torch.randn(n, n_classes, v.dim(feature_dim), generator=g) * 0.01
-                       for v in self.variants}
-        self.bias = {v: torch.zeros(n, n_classes) for v in self.variants}
+        self.weight = {v: (torch.randn(n, n_classes, v.dim(feature_dim), generator=g) * 0.01
+                           ).to(self.device) for v in self.variants}
+        self.bias = {v: torch.zeros(n, n_classes, device=self.device) for v in self.variants}
         self.buffers = {id(p): torch.zeros_like(p) for v in self.variants
                         for p in (self.weight[v], self.bias[v])}
         self.step_count = 0
@@ -88,11 +93,12 @@ class LinearGrid:
         """One SGD step of every head on the samples ``index`` of ``inputs`` (from
         :meth:`inputs`); returns the (V, L) mean cross-entropies of the batch."""
         factor = self.lr_factor()
-        y, rows = labels[index], torch.arange(len(index))
+        y = labels[index].to(self.device, non_blocking=True)
+        rows = torch.arange(len(index), device=self.device)
         lr = self.lrs * factor
         losses = []
         for v, x_all in zip(self.variants, inputs):
-            x = x_all[index]
+            x = x_all[index].to(self.device, non_blocking=True)
             logits = self.logits(v, x)
             lse = logits.logsumexp(dim=-1)  # (L, B)
             losses.append((lse - logits[:, rows, y]).mean(dim=1))
@@ -115,20 +121,20 @@ class LinearGrid:
         """``{"top1", "top5", "loss"}``, each (V, L): accuracy and mean cross-entropy of every
         head on ``feats``/``labels``."""
         k = min(5, self.n_classes)
-        top1 = torch.zeros(len(self.variants), len(self.lrs))
+        top1 = torch.zeros(len(self.variants), len(self.lrs), device=self.device)
         top5, loss = torch.zeros_like(top1), torch.zeros_like(top1)
         for start in range(0, len(labels), chunk):
             index = torch.arange(start, min(start + chunk, len(labels)))
-            y = labels[index]
+            y = labels[index].to(self.device)
             for i, v in enumerate(self.variants):
-                logits = self.logits(v, v.inputs(feats, index))
+                logits = self.logits(v, v.inputs(feats, index).to(self.device))
                 ranked = logits.topk(k, dim=-1).indices
                 top1[i] += (ranked[..., 0] == y).sum(dim=1).float()
                 top5[i] += (ranked == y[:, None]).any(dim=-1).sum(dim=1).float()
                 loss[i] += F.cross_entropy(logits.flatten(0, 1), y.repeat(len(self.lrs)),
                                            reduction="none").view(len(self.lrs), -1).sum(dim=1)
         n = max(len(labels), 1)
-        return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n}
+        return {"top1": top1.cpu() / n, "top5": top5.cpu() / n, "loss": loss.cpu() / n}
 
 
 # below about this many flops per step, threads cost more in synchronisation than they save

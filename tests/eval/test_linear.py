@@ -182,3 +182,26 @@ def test_bad_options(tiny_export: Path, small_digits: tuple[Path, Path], values:
     with pytest.raises(UserError, match=message):
         run_evaluator("linear", str(tiny_export), train=str(train), val=str(val), epochs=1,
                       **values)
+
+
+@pytest.mark.gpu
+def test_grid_on_cuda_equals_the_grid_on_cpu_with_features_left_in_host_memory() -> None:
+    """The heads train on the model's device; features stay on the host, batches are copied."""
+    g = torch.Generator().manual_seed(0)
+    feats = {"blocks_cls": torch.randn(300, 4, 16, generator=g),
+             "blocks_patch_mean": torch.randn(300, 4, 16, generator=g)}
+    labels = torch.randint(0, 5, (300,), generator=g)
+    variants = [Variant(1, False), Variant(4, True)]
+    grids = {d: LinearGrid(variants, [0.01, 0.1], 16, 5, total_steps=20, seed=0, device=d)
+             for d in ("cpu", "cuda")}
+    for grid in grids.values():
+        batches = minibatches(300, 64, seed=0)
+        inputs = grid.inputs(feats)
+        for _ in range(20):
+            grid.step(inputs, labels, next(batches))
+    for v in variants:
+        assert grids["cuda"].weight[v].is_cuda
+        torch.testing.assert_close(grids["cuda"].weight[v].cpu(), grids["cpu"].weight[v],
+                                   atol=1e-4, rtol=1e-4)
+    on_cpu, on_cuda = (grids[d].accuracy(feats, labels) for d in ("cpu", "cuda"))
+    torch.testing.assert_close(on_cuda["loss"], on_cpu["loss"], atol=1e-4, rtol=1e-4)
