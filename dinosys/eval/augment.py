@@ -18,11 +18,12 @@ SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, as in DINOv2's 
 RATIO = (3 / 4, 4 / 3)
 
 
-def _crop_box(h: int, w: int, g: torch.Generator) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random crop with area in SCALE and aspect in RATIO."""
+def _crop_box(h: int, w: int, g: torch.Generator, scale: tuple[float, float] = SCALE
+              ) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop with area in ``scale`` and aspect in RATIO."""
     area = h * w
     for _ in range(10):
-        target = area * float(torch.empty(1).uniform_(*SCALE, generator=g))
+        target = area * float(torch.empty(1).uniform_(*scale, generator=g))
         log_ratio = torch.empty(1).uniform_(math.log(RATIO[0]), math.log(RATIO[1]), generator=g)
         aspect = math.exp(float(log_ratio))
         cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
@@ -33,17 +34,19 @@ def _crop_box(h: int, w: int, g: torch.Generator) -> tuple[int, int, int, int]:
     return 0, 0, h, w  # the whole image, as torchvision falls back to (approximately)
 
 
-def random_resized_crop_flip(batch: Tensor, seed: int, epoch: int, index: int) -> Tensor:
-    """Each image of ``batch`` (B, C, H, W): a random crop resized back to H x W (bicubic),
-    flipped with probability 0.5; deterministic in (seed, epoch, index)."""
+def random_resized_crop_flip(batch: Tensor, seed: int, epoch: int, index: int,
+                             scale: tuple[float, float] = SCALE, flip: bool = True) -> Tensor:
+    """Each image of ``batch`` (B, C, H, W): a random crop (area fraction in ``scale``) resized
+    back to H x W (bicubic), flipped with probability 0.5 when ``flip``; deterministic in
+    (seed, epoch, index)."""
     g = torch.Generator().manual_seed(hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
     _, _, h, w = batch.shape
     out = torch.empty_like(batch)
     for i, img in enumerate(batch):
-        top, left, ch, cw = _crop_box(h, w, g)
+        top, left, ch, cw = _crop_box(h, w, g, scale)
         crop = img[None, :, top:top + ch, left:left + cw]
         resized = F.interpolate(crop, size=(h, w), mode="bicubic", align_corners=False)
-        if float(torch.rand(1, generator=g)) < 0.5:
+        if float(torch.rand(1, generator=g)) < 0.5 and flip:
             resized = resized.flip(-1)
         out[i] = resized[0]
     return out

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dinosys.errors import UserError
-from dinosys.eval.augment import random_resized_crop_flip
+from dinosys.eval.augment import SCALE, random_resized_crop_flip
 from dinosys.eval.feature_cache import FeatureNeed
 from dinosys.eval.features import FEATURES, extract_features, progress_bar
 from dinosys.eval.images import ImageSet, load_class_folders
@@ -73,6 +73,11 @@ class LinearConfig:
     augment: bool = field(default=False, metadata={
         "help": "random-resized-crop + flip training images (features re-extracted every "
                 "epoch); off: features extracted once and cached"})
+    aug_scale: list[float] = field(default_factory=lambda: list(SCALE), metadata={
+        "help": "with --augment: the crops' area range, as fractions of the image (as "
+                "DINOv2 and torchvision)"})
+    aug_flip: bool = field(default=True, metadata={
+        "help": "with --augment: flip half the crops horizontally (off for digits or text)"})
     seed: int = field(default=0, metadata={"help": "heads, batches, split and augmentation"})
     extract_batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
 
@@ -92,6 +97,9 @@ class LinearConfig:
             raise UserError(f"--epoch-length must be >= 0, got {self.epoch_length}")
         if self.select not in SELECT:
             raise UserError(f"--select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        if len(self.aug_scale) != 2 or not 0 < self.aug_scale[0] <= self.aug_scale[1] <= 1:
+            raise UserError(f"--aug-scale needs two area fractions 0 < min <= max <= 1, got "
+                            f"{self.aug_scale}")
         if not 0 < self.holdout < 1:
             raise UserError(f"--holdout must be between 0 and 1 (exclusive), got {self.holdout}")
 
@@ -115,7 +123,8 @@ def _block_features(model: EvalModel, images: ImageSet, cfg: LinearConfig, progr
     transform = None
     if epoch is not None:
         def transform(batch: torch.Tensor, index: int) -> torch.Tensor:
-            return random_resized_crop_flip(batch, cfg.seed, epoch, index)
+            return random_resized_crop_flip(batch, cfg.seed, epoch, index,
+                                            tuple(cfg.aug_scale), cfg.aug_flip)
     kinds, options = _block_kinds(module, cfg)
     if kinds == ["blocks"]:
         return extract_features(module, images, kinds, cfg.extract_batch_size, model.device,

@@ -150,6 +150,19 @@ def test_augmentation_is_seeded_by_epoch_and_batch() -> None:
     assert not torch.equal(a, x)
 
 
+def test_augmentation_scale_and_flip_options() -> None:
+    """scale (1, 1) keeps the whole image (no crop fits another aspect); ``flip`` alone decides
+    whether some images come back mirrored."""
+    x = torch.rand(16, 3, 28, 28)
+    kept = random_resized_crop_flip(x, 0, 0, 0, scale=(1.0, 1.0), flip=False)
+    torch.testing.assert_close(kept, x)
+    flipped = random_resized_crop_flip(x, 0, 0, 0, scale=(1.0, 1.0), flip=True)
+    mirrored = [torch.allclose(f, i.flip(-1), atol=1e-5) for f, i in zip(flipped, x)]
+    assert 0 < sum(mirrored) < 16
+    small = random_resized_crop_flip(x, 0, 0, 0, scale=(0.1, 0.2), flip=False)
+    assert (small - x).abs().mean() > 0.1  # a tenth of the image blown up: far from the original
+
+
 def test_linear_evaluator_on_real_images_is_deterministic(
         tiny_export: Path, small_digits: tuple[Path, Path]) -> None:
     train, val = small_digits
@@ -173,6 +186,8 @@ def test_linear_evaluator_on_real_images_is_deterministic(
 @pytest.mark.parametrize("values, message", [
     (dict(lrs=[]), "--lrs"),
     (dict(holdout=0.0), "--holdout"),
+    (dict(aug_scale=[0.0, 1.0]), "--aug-scale"),
+    (dict(aug_scale=[0.9, 0.5]), "--aug-scale"),
     (dict(n_blocks=[0]), "--n-blocks"),
     (dict(n_blocks=[3]), "last 3 blocks"),
 ])
