@@ -44,7 +44,12 @@ from dinosys.atomic import write_atomic  # noqa: E402
 from dinosys.config import load_config  # noqa: E402
 from dinosys.data.collate import collate_ssl  # noqa: E402
 from dinosys.data.masking import MaskGenerator  # noqa: E402
-from dinosys.distributed.env import DistEnv, init_distributed, seed_everything  # noqa: E402
+from dinosys.distributed.env import (  # noqa: E402
+    DistEnv,
+    close_process_groups,
+    init_distributed,
+    seed_everything,
+)
 from dinosys.distributed.layout import apply_single_device_layout  # noqa: E402
 from dinosys.train.device_step import read_scalars  # noqa: E402
 from dinosys.train.loop import Trainer  # noqa: E402
@@ -290,11 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_atomic(args.out.with_suffix(".profile.txt"),
                              format_profile(result["profile"]) + "\n")
         print(json.dumps(result, sort_keys=True), flush=True)
-    if dist.is_initialized():
-        # every rank past its last collective before any tears down: a gloo peer that exits
-        # while rank 0 still prints aborts it ("terminate called without an active exception")
-        dist.barrier()
-        dist.destroy_process_group()
+    close_process_groups()  # rank 0 printed above: no peer may exit before it is done
     return 0 if result["steps_applied"] == result["steps_timed"] else 1
 
 

@@ -6,6 +6,7 @@ group (nccl on GPU, gloo on CPU) when there is more than one rank, and returns a
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -51,13 +52,25 @@ class DistEnv:
             dist.barrier()
 
     def shutdown(self) -> None:
-        """Destroy the process group if this module created one."""
-        if self.is_distributed and dist.is_initialized():
-            try:
-                dist.barrier()
-            finally:
-                dist.destroy_process_group()
+        """Destroy the process groups if this module created them (:func:`close_process_groups`)."""
+        if self.is_distributed:
+            close_process_groups()
         self.backend = None
+
+
+def close_process_groups() -> None:
+    """Barrier, then destroy every process group: no rank tears down while another still runs a
+    collective or prints (a gloo peer that exits early aborts the others: "terminate called
+    without an active exception")."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    finally:
+        # modules and meshes left in reference cycles (FSDP's hooks) would otherwise outlive
+        # destroy_process_group and die in interpreter finalisation, after the peers exited
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def first_slurm_host(nodelist: str) -> str:
