@@ -46,6 +46,7 @@ def random_resized_crop_flip(batch: Tensor, seed: int, epoch: int, index: int,
         top, left, ch, cw = _crop_box(h, w, g, scale)
         crop = img[None, :, top:top + ch, left:left + cw]
         resized = F.interpolate(crop, size=(h, w), mode="bicubic", align_corners=False)
+        # drawn with or without ``flip``: the same seed gives the same crops either way
         if float(torch.rand(1, generator=g)) < 0.5 and flip:
             resized = resized.flip(-1)
         out[i] = resized[0]

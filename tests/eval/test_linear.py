@@ -151,8 +151,8 @@ def test_augmentation_is_seeded_by_epoch_and_batch() -> None:
 
 
 def test_augmentation_scale_and_flip_options() -> None:
-    """scale (1, 1) keeps the whole image (no crop fits another aspect); ``flip`` alone decides
-    whether some images come back mirrored."""
+    """scale (1, 1) keeps the whole image (a crop of the full area is the image itself);
+    ``flip`` alone decides whether some images come back mirrored."""
     x = torch.rand(16, 3, 28, 28)
     kept = random_resized_crop_flip(x, 0, 0, 0, scale=(1.0, 1.0), flip=False)
     torch.testing.assert_close(kept, x)
